@@ -1,0 +1,3 @@
+"""(not yet written)"""
+
+from __future__ import annotations
