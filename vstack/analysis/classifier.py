@@ -1,0 +1,176 @@
+"""Classifier and ID extractor (sans-IO): raw IP packet -> `Classification` / `FlowKey`.
+
+* :func:`classify` parses a packet (raising :class:`~vstack.analysis.packet.ParseError` for
+  anything malformed) and returns the protocol, ports, TCP flags, lengths, DSCP and the flow
+  key.  :meth:`Classification.fields` gives exactly the ``FLOW_FIELDS`` of
+  :mod:`vstack.decision.events`; :func:`flow_new_event` wraps them in a ``flow.new`` event.
+* :func:`flow_key` is the ID extractor.  A :class:`FlowKey` is always written application side
+  first; ``direction`` says which way the packet travelled: ``APP_TO_NET`` (read from the
+  TUN: source = application) or ``NET_TO_APP`` (a reply: destination = application).
+  ICMP/ICMPv6 echo messages use the echo identifier as ``sport`` and 0 as ``dport`` in both
+  directions (the identifier names the flow on both sides).
+* :func:`reverse` swaps the two ends of a key (the wire view of the other direction);
+  :func:`wire_key` is a cheap hashable per-packet key for the datapath's hot path.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from vstack.analysis.flowkey import FlowKey
+from vstack.analysis.packet import (
+    ICMP,
+    ICMPV6,
+    TCP,
+    UDP,
+    UDPLITE,
+    ICMPHeader,
+    IPPacket,
+    ParseError,
+    TCPHeader,
+    parse,
+    tcp_flags_str,
+)
+from vstack.decision.events import Event
+
+__all__ = [
+    "Classification",
+    "Direction",
+    "ParseError",
+    "classify",
+    "flow_key",
+    "flow_new_event",
+    "reverse",
+    "wire_key",
+]
+
+
+class Direction(enum.Enum):
+    """Which way a packet travels relative to the application behind the VNIC."""
+
+    APP_TO_NET = "app->net"  # read from the TUN: src is the application
+    NET_TO_APP = "net->app"  # a reply towards the application: dst is the application
+
+    def reversed(self) -> Direction:
+        return Direction.NET_TO_APP if self is Direction.APP_TO_NET else Direction.APP_TO_NET
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """What the classifier knows about one packet (see :func:`classify`)."""
+
+    key: FlowKey
+    proto: int
+    proto_name: str
+    family: int
+    tcp_flags: str  # "S", "SA", "FA", ... ("" for non-TCP)
+    sport: int  # application-side port (ICMP echo: identifier)
+    dport: int  # network-side port (ICMP: 0)
+    length: int  # IP total length
+    payload_len: int  # transport payload length
+    dscp: int
+    fragment: bool
+    direction: Direction
+    packet: IPPacket
+
+    @property
+    def src(self) -> str:
+        return self.key.src
+
+    @property
+    def dst(self) -> str:
+        return self.key.dst
+
+    @property
+    def payload_offset(self) -> int:
+        return self.packet.payload_offset
+
+    def fields(self, *, iface: str = "", stack: str = "") -> dict[str, Any]:
+        """The ``FLOW_FIELDS`` of :mod:`vstack.decision.events`, exactly (``iface`` and
+        ``stack`` are filled by the datapath)."""
+        k = self.key
+        return {
+            "flow": str(k),
+            "proto": self.proto_name,
+            "family": self.family,
+            "src": k.src,
+            "dst": k.dst,
+            "sport": self.sport,
+            "dport": self.dport,
+            "dscp": self.dscp,
+            "tcp_flags": self.tcp_flags,
+            "length": self.length,
+            "payload_len": self.payload_len,
+            "iface": iface,
+            "stack": stack,
+        }
+
+
+def _ports(p: IPPacket) -> tuple[int, int]:
+    """(source port, destination port) as on the wire; ICMP echo: (ident, 0)."""
+    l4 = p.l4
+    if l4 is None:
+        return 0, 0
+    if isinstance(l4, ICMPHeader):
+        return (l4.ident or 0), 0
+    return l4.sport, l4.dport
+
+
+def _key(p: IPPacket, direction: Direction) -> tuple[FlowKey, int, int]:
+    sp, dp = _ports(p)
+    if direction is Direction.APP_TO_NET:
+        return FlowKey(p.proto, p.src, sp, p.dst, dp), sp, dp
+    if p.proto == ICMP or p.proto == ICMPV6:  # the echo identifier names both directions
+        return FlowKey(p.proto, p.dst, sp, p.src, dp), sp, dp
+    return FlowKey(p.proto, p.dst, dp, p.src, sp), dp, sp
+
+
+def classify(buf: bytes | bytearray | memoryview,
+             direction: Direction = Direction.APP_TO_NET) -> Classification:
+    """Classify one raw IP packet.  Raises :class:`ParseError` if it is malformed."""
+    p = parse(buf)
+    key, sp, dp = _key(p, direction)
+    l4 = p.l4
+    flags = tcp_flags_str(l4.flags) if isinstance(l4, TCPHeader) else ""
+    return Classification(key, p.proto, key.proto_name, p.version, flags, sp, dp, p.total_len,
+                          p.payload_len, p.dscp, p.fragment, direction, p)
+
+
+def flow_key(buf: bytes | bytearray | memoryview,
+             direction: Direction = Direction.APP_TO_NET) -> FlowKey:
+    """The ID extractor: the packet's flow key, application side first."""
+    return _key(parse(buf), direction)[0]
+
+
+def reverse(key: FlowKey) -> FlowKey:
+    """Swap the ends of ``key`` (addresses and ports): the 5-tuple of the opposite
+    direction as it appears on the wire."""
+    return FlowKey(key.proto, key.dst, key.dport, key.src, key.sport)
+
+
+def flow_new_event(cls: Classification, now: float, *, iface: str = "",
+                   stack: str = "") -> Event:
+    """The ``flow.new`` event for the first packet of a flow."""
+    return Event("flow.new", now, cls.fields(iface=iface, stack=stack), cls.key)
+
+
+_PORTED = frozenset({UDP, TCP, UDPLITE})
+
+
+def wire_key(buf: bytes | bytearray | memoryview) -> bytes | None:
+    """A cheap hashable key naming the 5-tuple of an app->net packet, or ``None``.
+
+    Only the common fast cases get one: IPv4 without options and not a fragment, or IPv6
+    without extension headers, carrying UDP, UDP-Lite or TCP.  It is the packet's bytes
+    ``proto + addresses + ports`` (no parsing, no validation): the caller maps it to a flow
+    it created after a full :func:`classify`, and falls back to :func:`classify` when the key
+    is ``None`` or unknown.  Equal 5-tuples give equal keys; different ones differ.
+    """
+    n = len(buf)
+    if n >= 24 and buf[0] == 0x45 and not (buf[6] & 0x3F or buf[7]) and buf[9] in _PORTED:
+        return bytes(buf[9:10]) + bytes(buf[12:24])
+    if n >= 44 and buf[0] >> 4 == 6 and buf[6] in _PORTED:
+        return bytes(buf[6:7]) + bytes(buf[8:44])
+    return None
