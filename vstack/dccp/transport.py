@@ -1,0 +1,337 @@
+"""Thin I/O adapters that move encoded DCCP packets: raw IP protocol 33, and DCCP-UDP.
+
+Nothing here knows DCCP semantics beyond what the wire needs:
+
+* :class:`RawDccpSocket` - ``socket(AF_INET[6], SOCK_RAW, 33)``. The kernel hands *every*
+  protocol-33 packet of the namespace to *every* such socket, so receivers demultiplex by
+  ports (the endpoint does that). AF_INET raw sockets deliver the IPv4 header in front of
+  the DCCP packet (we strip it and take the addresses from it); AF_INET6 raw sockets deliver
+  only the payload, so the destination address comes from ``IPV6_PKTINFO``. While such a
+  socket is open the host kernel sends no ICMP protocol-unreachable for DCCP.
+* :class:`UdpDccpSocket` - DCCP-UDP encapsulation (RFC 6773): an ordinary UDP socket whose
+  payload is a complete DCCP packet, DCCP ports included (RFC 6773 §3.1: the UDP ports
+  identify the DCCP-UDP endpoints, not the DCCP ports). The UDP header and its checksum are
+  the kernel's. The DCCP checksum (RFC 4340 §9) of DCCP-UDP is computed with the UDP protocol
+  number (17) in the pseudo-header instead of 33 (:attr:`DccpSocket.pseudo_proto`);
+  :func:`reprotect` converts between the two.
+
+Both carry SO_MARK (the datapath marks its egress 0x5654 so it bypasses the VNIC) and
+SO_BINDTODEVICE. Received datagrams are handed to a callback from the asyncio loop
+(``loop.add_reader``); sending never blocks (a full socket buffer counts a drop).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vstack.dccp.checksum import checksum_coverage, internet_checksum, pseudo_header
+
+IPPROTO_DCCP = 33
+IPPROTO_UDP = 17
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+DATAPATH_MARK = 0x5654
+MAX_DATAGRAM = 65535
+_RECV_BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RxDatagram:
+    """One received DCCP packet with the addresses needed for its checksum."""
+
+    src: str  # remote IP address
+    dst: str  # our IP address, as on the wire
+    data: bytes  # the DCCP packet, generic header first
+    udp_port: int = 0  # DCCP-UDP: the remote UDP port (raw: 0)
+
+
+class TransportError(OSError):
+    """A local socket failure (bad address, permission, bind)."""
+
+
+def family_of(addr: str) -> int:
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError as e:
+        raise TransportError(errno.EINVAL, f"not an IP address: {addr!r}") from e
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+# ------------------------------------------------------------ checksum (RFC 4340 §9)
+def dccp_checksum(pkt: bytes, src: str, dst: str, proto: int = IPPROTO_DCCP) -> int:
+    """RFC 4340 §9 checksum of ``pkt`` (its checksum field taken as zero), honouring CsCov,
+    with ``proto`` in the pseudo-header (33 native, 17 for DCCP-UDP)."""
+    if len(pkt) < 12:
+        raise ValueError("shorter than a DCCP generic header")
+    cover = min(checksum_coverage(pkt), len(pkt))
+    body = pkt[:6] + b"\0\0" + pkt[8:cover]
+    return internet_checksum(pseudo_header(src, dst, len(pkt), proto) + body)
+
+
+def checksum_ok(pkt: bytes, src: str, dst: str, proto: int = IPPROTO_DCCP) -> bool:
+    try:
+        return dccp_checksum(pkt, src, dst, proto) == struct.unpack_from("!H", pkt, 6)[0]
+    except (ValueError, struct.error, OSError):
+        return False
+
+
+def reprotect(pkt: bytes, src: str, dst: str, proto: int) -> bytes:
+    """Return ``pkt`` with its checksum recomputed for pseudo-header protocol ``proto``."""
+    c = dccp_checksum(pkt, src, dst, proto)
+    return pkt[:6] + struct.pack("!H", c) + pkt[8:]
+
+
+# ----------------------------------------------------------------------- sockets
+@dataclass(slots=True)
+class SocketStats:
+    rx: int = 0
+    tx: int = 0
+    tx_drops: int = 0  # EAGAIN/ENOBUFS on send
+    rx_bad: int = 0  # too short / unparsable IP header
+    rx_errors: int = 0
+
+
+class DccpSocket(abc.ABC):
+    """A source and sink of encoded DCCP packets (see the module docstring)."""
+
+    pseudo_proto: int = IPPROTO_DCCP
+    kind: str = ""
+
+    def __init__(self, family: int, fwmark: int = 0, device: str | None = None) -> None:
+        self.family = family
+        self.fwmark = fwmark
+        self.device = device
+        self.stats = SocketStats()
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_rx: Callable[[RxDatagram], None] | None = None
+        self._src_cache: dict[str, str] = {}
+
+    # -- helpers
+    def _apply_opts(self, s: socket.socket) -> None:
+        try:
+            if self.fwmark:
+                s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.fwmark)
+            if self.device:
+                s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self.device.encode() + b"\0")
+        except OSError as e:
+            s.close()
+            raise TransportError(e.errno, f"socket option (mark/device): {e.strerror}") from e
+
+    @property
+    def sock(self) -> socket.socket:
+        if self._sock is None:
+            raise TransportError(errno.EBADF, "socket closed")
+        return self._sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def source_for(self, remote: str) -> str:
+        """The local address the kernel will use towards ``remote`` (route lookup, cached)."""
+        src = self._src_cache.get(remote)
+        if src is None:
+            probe = socket.socket(self.family, socket.SOCK_DGRAM)
+            try:
+                self._apply_opts(probe)
+                probe.connect((remote, 9))
+                src = str(probe.getsockname()[0])
+            except OSError as e:
+                raise TransportError(e.errno, f"no route to {remote}: {e.strerror}") from e
+            finally:
+                probe.close()
+            self._src_cache[remote] = src
+        return src
+
+    # -- asyncio
+    def attach(self, loop: asyncio.AbstractEventLoop, on_rx: Callable[[RxDatagram], None]) -> None:
+        self._loop, self._on_rx = loop, on_rx
+        loop.add_reader(self.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        cb = self._on_rx
+        for _ in range(_RECV_BATCH):
+            try:
+                dg = self.recv_one()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.stats.rx_errors += 1
+                return
+            if dg is None:
+                continue
+            self.stats.rx += 1
+            if cb is not None:
+                cb(dg)
+
+    @abc.abstractmethod
+    def recv_one(self) -> RxDatagram | None:
+        """Read one datagram (non-blocking); None for one that is not ours / malformed."""
+
+    @abc.abstractmethod
+    def sendto(self, data: bytes, remote: str, udp_port: int = 0) -> bool:
+        """Send one encoded DCCP packet; False when the kernel dropped it (counted)."""
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> bool:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.stats.tx_drops += 1
+            return False
+        except OSError as e:
+            if e.errno in (errno.ENOBUFS, errno.EAGAIN):
+                self.stats.tx_drops += 1
+                return False
+            raise TransportError(e.errno, f"send to {addr[0]}: {e.strerror}") from e
+        self.stats.tx += 1
+        return True
+
+    def close(self) -> None:
+        s, self._sock = self._sock, None
+        if s is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(s.fileno())
+        s.close()
+
+    def __enter__(self) -> DccpSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RawDccpSocket(DccpSocket):
+    """IP protocol 33 over a raw socket (IPv4 or IPv6)."""
+
+    pseudo_proto = IPPROTO_DCCP
+    kind = "raw"
+
+    def __init__(self, family: int, bind: str | None = None, fwmark: int = 0,
+                 device: str | None = None, rcvbuf: int = 4 << 20) -> None:
+        super().__init__(family, fwmark, device)
+        try:
+            s = socket.socket(family, socket.SOCK_RAW, IPPROTO_DCCP)
+        except PermissionError as e:
+            raise TransportError(e.errno, "raw sockets need CAP_NET_RAW (run as root)") from e
+        self._apply_opts(s)
+        s.setblocking(False)
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+        if bind:
+            try:
+                s.bind((bind, 0))
+            except OSError as e:
+                s.close()
+                raise TransportError(e.errno, f"bind {bind}: {e.strerror}") from e
+            self._bound: str | None = bind
+        else:
+            self._bound = None
+        self._sock = s
+
+    def source_for(self, remote: str) -> str:
+        return self._bound or super().source_for(remote)
+
+    def recv_one(self) -> RxDatagram | None:
+        s = self.sock
+        if self.family == socket.AF_INET:
+            buf, _addr = s.recvfrom(MAX_DATAGRAM)
+            if len(buf) < 20 or buf[0] >> 4 != 4:
+                self.stats.rx_bad += 1
+                return None
+            ihl = (buf[0] & 0x0F) * 4
+            if ihl < 20 or len(buf) < ihl:
+                self.stats.rx_bad += 1
+                return None
+            src = socket.inet_ntop(socket.AF_INET, buf[12:16])
+            dst = socket.inet_ntop(socket.AF_INET, buf[16:20])
+            return RxDatagram(src, dst, buf[ihl:])
+        data, anc, _flags, addr = s.recvmsg(MAX_DATAGRAM, 64)
+        dst = ""
+        for level, typ, cdata in anc:
+            if level == socket.IPPROTO_IPV6 and typ == IPV6_PKTINFO and len(cdata) >= 16:
+                dst = socket.inet_ntop(socket.AF_INET6, cdata[:16])
+        if not dst:
+            dst = self._bound or "::"
+        return RxDatagram(str(addr[0]).split("%", 1)[0], dst, data)
+
+    def sendto(self, data: bytes, remote: str, udp_port: int = 0) -> bool:
+        return self._send(data, (remote, 0))
+
+
+class UdpDccpSocket(DccpSocket):
+    """DCCP-UDP (RFC 6773): DCCP packets as UDP payloads on ``port`` (0: ephemeral)."""
+
+    pseudo_proto = IPPROTO_UDP
+    kind = "udp"
+
+    def __init__(self, family: int, bind: str | None = None, port: int = 0, fwmark: int = 0,
+                 device: str | None = None, bufsize: int = 4 << 20) -> None:
+        super().__init__(family, fwmark, device)
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        self._apply_opts(s)
+        s.setblocking(False)
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        else:
+            s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        host = bind or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            s.close()
+            raise TransportError(e.errno, f"bind {host}:{port}: {e.strerror}") from e
+        self._bound = bind
+        self._sock = s
+        self.port = int(s.getsockname()[1])
+
+    def source_for(self, remote: str) -> str:
+        return self._bound or super().source_for(remote)
+
+    def recv_one(self) -> RxDatagram | None:
+        data, anc, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, 64)
+        dst = ""
+        for level, typ, cdata in anc:
+            if level == socket.IPPROTO_IPV6 and typ == IPV6_PKTINFO and len(cdata) >= 16:
+                dst = socket.inet_ntop(socket.AF_INET6, cdata[:16])
+            elif level == socket.IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= 12:
+                # struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
+                dst = socket.inet_ntop(socket.AF_INET, cdata[8:12])
+        if not dst:
+            dst = self._bound or ""
+        return RxDatagram(str(addr[0]).split("%", 1)[0], dst, data, int(addr[1]))
+
+    def sendto(self, data: bytes, remote: str, udp_port: int = 0) -> bool:
+        if not udp_port:
+            raise TransportError(errno.EINVAL, "DCCP-UDP needs the remote UDP port")
+        return self._send(data, (remote, udp_port))
+
+
+def open_socket(kind: str, family: int, *, bind: str | None = None, port: int = 0,
+                fwmark: int = 0, device: str | None = None) -> DccpSocket:
+    """``kind`` is "raw" (IP protocol 33) or "udp" (DCCP-UDP on ``port``)."""
+    if kind == "raw":
+        return RawDccpSocket(family, bind=bind, fwmark=fwmark, device=device)
+    if kind == "udp":
+        return UdpDccpSocket(family, bind=bind, port=port, fwmark=fwmark, device=device)
+    raise TransportError(errno.EINVAL, f"unknown DCCP transport {kind!r} (raw or udp)")
