@@ -96,7 +96,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=5000")
     finally:
         cur.close()
 
@@ -122,7 +121,8 @@ def make_engine(url: str | os.PathLike[str] | None = None, *, create: bool = Tru
                 raise DatabaseUnavailable(
                     f"cannot create the database directory {path.parent}: {e.strerror or e}"
                 ) from None
-        kwargs["connect_args"] = {"timeout": 5.0}
+        if "timeout" not in parsed.query:  # how long to wait for a lock (``?timeout=0.1``)
+            kwargs["connect_args"] = {"timeout": 5.0}
     if memory:
         kwargs["poolclass"] = StaticPool
         kwargs["connect_args"] = {"check_same_thread": False}
