@@ -21,6 +21,7 @@ recording, is kept in ``error`` and counted in ``errors``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
 import io
 import json
@@ -85,10 +86,8 @@ class TraceRecorder:
             self.errors += 1
             self.error = str(e)
             self._f = None
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
 
     def packet(self, buf: bytes | bytearray | memoryview, now: float,
                direction: object = "app->net") -> None:
