@@ -1,0 +1,464 @@
+"""DCCP packet codec (RFC 4340 §5), sans-IO: bytes in, ``DccpPacket`` out, and back.
+
+Wire layout (§5.1 generic header, X=1 / X=0)::
+
+    0-1 Source Port | 2-3 Dest Port | 4 Data Offset | 5 CCVal(4) CsCov(4) | 6-7 Checksum
+    8 Res(3) Type(4) X(1) | X=1: 9 Reserved, 10-15 Sequence Number (48 bits)
+                          | X=0: 9-11 Sequence Number (24 bits)
+
+then the Acknowledgement Number subheader (§5.2; X=1: 2 reserved + 6 bytes, X=0: 1 + 3) on
+every type but Request and Data, the Service Code (§5.3, 5.4) on Request and Response, the
+Reset Code and Data 1-3 (§5.6) on Reset, the options (§5.8) up to Data Offset * 4, and the
+application data area.
+
+Errors: anything wrong with received bytes raises ``DccpParseError`` (a remote error; the
+caller counts and drops), a bad checksum its subclass ``DccpChecksumError``. Asking ``encode``
+for an impossible packet raises ``DccpEncodeError`` (a local error, a ValueError).
+
+UDP encapsulation (RFC 6773): see ``encap_udp`` / ``decap_udp``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from vstack.dccp.checksum import Address, check, compute_checksum, internet_checksum, pseudo_sum
+from vstack.dccp.options import DccpParseError, Option, decode_options, encode_options
+
+__all__ = [
+    "ACK_TYPES",
+    "MAX_SEQ",
+    "DccpChecksumError",
+    "DccpEncodeError",
+    "DccpPacket",
+    "DccpParseError",
+    "PacketType",
+    "ResetCode",
+    "check",
+    "decap_udp",
+    "decode",
+    "encap_udp",
+    "encode",
+    "encode_data",
+    "encode_data_into",
+    "header_length",
+]
+
+
+class PacketType(IntEnum):
+    """Packet types (RFC 4340 §5.1, table 1); 10-15 are reserved and ignored."""
+
+    REQUEST = 0
+    RESPONSE = 1
+    DATA = 2
+    ACK = 3
+    DATAACK = 4
+    CLOSEREQ = 5
+    CLOSE = 6
+    RESET = 7
+    SYNC = 8
+    SYNCACK = 9
+
+
+class ResetCode(IntEnum):
+    """Reset codes (RFC 4340 §5.6, table 2)."""
+
+    UNSPECIFIED = 0
+    CLOSED = 1
+    ABORTED = 2
+    NO_CONNECTION = 3
+    PACKET_ERROR = 4
+    OPTION_ERROR = 5
+    MANDATORY_ERROR = 6
+    CONNECTION_REFUSED = 7
+    BAD_SERVICE_CODE = 8
+    TOO_BUSY = 9
+    BAD_INIT_COOKIE = 10
+    AGGRESSION_PENALTY = 11
+
+
+# Types with an Acknowledgement Number subheader: all but Request and Data (§5.2).
+ACK_TYPES = frozenset(PacketType) - {PacketType.REQUEST, PacketType.DATA}
+# Types that may use short (24-bit) sequence numbers (§5.1: the others MUST set X=1).
+SHORT_OK_TYPES = frozenset({PacketType.DATA, PacketType.ACK, PacketType.DATAACK})
+MAX_SEQ = (1 << 48) - 1
+
+
+class DccpChecksumError(DccpParseError):
+    """The checksum is wrong (§9). ``received`` and ``expected`` are the two values."""
+
+    def __init__(self, received: int, expected: int) -> None:
+        super().__init__(f"bad checksum 0x{received:04x}, expected 0x{expected:04x}")
+        self.received = received
+        self.expected = expected
+
+
+class DccpEncodeError(ValueError):
+    """A DccpPacket that cannot go on the wire (a local error, not the peer's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DccpPacket:
+    """One DCCP packet. ``ack`` is set exactly for the types in ACK_TYPES; ``service_code``
+    exactly for Request and Response; ``reset_code`` for Reset (with ``reset_data``, the
+    three bytes Data 1-3). ``x``: 48-bit (True) or 24-bit sequence numbers."""
+
+    type: PacketType
+    sport: int
+    dport: int
+    seq: int
+    ack: int | None = None
+    x: bool = True
+    ccval: int = 0
+    cscov: int = 0
+    options: tuple[Option, ...] = ()
+    payload: bytes = b""
+    service_code: int | None = None
+    reset_code: int | None = None
+    reset_data: bytes = field(default=b"\x00\x00\x00")
+
+
+def header_length(ptype: PacketType | int, x: bool = True) -> int:
+    """Bytes of the fixed header (generic + ack subheader + type-specific), no options."""
+    n = 16 if x else 12
+    if ptype in ACK_TYPES:
+        n += 8 if x else 4
+    if ptype in (PacketType.REQUEST, PacketType.RESPONSE, PacketType.RESET):
+        n += 4
+    return n
+
+
+# --- encode ------------------------------------------------------------------------------
+
+
+def _validate(pkt: DccpPacket) -> None:
+    t = pkt.type
+    if not isinstance(t, PacketType):
+        raise DccpEncodeError(f"not a packet type: {t!r}")
+    if not (0 <= pkt.sport <= 0xFFFF and 0 <= pkt.dport <= 0xFFFF):
+        raise DccpEncodeError("ports must be 0-65535")
+    bits = 48 if pkt.x else 24
+    if not pkt.x and t not in SHORT_OK_TYPES:
+        raise DccpEncodeError(f"{t.name} must use X=1 (RFC 4340 §5.1)")
+    if not 0 <= pkt.seq < 1 << bits:
+        raise DccpEncodeError(f"seq {pkt.seq} does not fit {bits} bits")
+    if t in ACK_TYPES:
+        if pkt.ack is None or not 0 <= pkt.ack < 1 << bits:
+            raise DccpEncodeError(f"{t.name} needs an ack number of {bits} bits")
+    elif pkt.ack is not None:
+        raise DccpEncodeError(f"{t.name} carries no ack number")
+    if t in (PacketType.REQUEST, PacketType.RESPONSE):
+        if pkt.service_code is None or not 0 <= pkt.service_code <= 0xFFFFFFFF:
+            raise DccpEncodeError(f"{t.name} needs a 32-bit service code")
+    elif pkt.service_code is not None:
+        raise DccpEncodeError(f"{t.name} carries no service code")
+    if t == PacketType.RESET:
+        if pkt.reset_code is None or not 0 <= pkt.reset_code <= 255:
+            raise DccpEncodeError("RESET needs a reset code 0-255")
+        if len(pkt.reset_data) != 3:
+            raise DccpEncodeError("reset_data must be 3 bytes (Data 1-3)")
+    elif pkt.reset_code is not None:
+        raise DccpEncodeError(f"{t.name} carries no reset code")
+    if not 0 <= pkt.ccval <= 15 or not 0 <= pkt.cscov <= 15:
+        raise DccpEncodeError("ccval and cscov are 4-bit fields")
+
+
+def _header(pkt: DccpPacket, opts: bytes) -> bytearray:
+    t = pkt.type
+    hlen = header_length(t, pkt.x) + len(opts)
+    doff = hlen // 4
+    if doff > 255:
+        raise DccpEncodeError(f"header of {hlen} bytes exceeds Data Offset (1020 bytes)")
+    h = bytearray(hlen)
+    struct.pack_into("!HHBB", h, 0, pkt.sport, pkt.dport, doff, (pkt.ccval << 4) | pkt.cscov)
+    if pkt.x:
+        h[8] = (t << 1) | 1
+        h[10:16] = pkt.seq.to_bytes(6, "big")
+        i = 16
+        if pkt.ack is not None:
+            h[18:24] = pkt.ack.to_bytes(6, "big")
+            i = 24
+    else:
+        h[8] = t << 1
+        h[9:12] = pkt.seq.to_bytes(3, "big")
+        i = 12
+        if pkt.ack is not None:
+            h[13:16] = pkt.ack.to_bytes(3, "big")
+            i = 16
+    if pkt.service_code is not None:
+        struct.pack_into("!I", h, i, pkt.service_code)
+        i += 4
+    elif pkt.reset_code is not None:
+        h[i] = pkt.reset_code
+        h[i + 1 : i + 4] = pkt.reset_data
+        i += 4
+    h[i:] = opts
+    return h
+
+
+def encode(pkt: DccpPacket, src_ip: Address | None, dst_ip: Address | None) -> bytes:
+    """The packet's bytes, options padded to 4 bytes, checksum per CsCov (§9).
+
+    ``src_ip``/``dst_ip`` (str, bytes or ipaddress; both IPv4 or both IPv6) give the
+    pseudo-header. Both None: the checksum field is left zero (a caller that fills it in
+    itself). Raises DccpEncodeError (or ValueError for bad option values).
+    """
+    _validate(pkt)
+    h = _header(pkt, encode_options(pkt.options))
+    cov_payload = len(pkt.payload) if pkt.cscov == 0 else (pkt.cscov - 1) * 4
+    if cov_payload > len(pkt.payload):
+        raise DccpEncodeError(
+            f"CsCov {pkt.cscov} covers {cov_payload} payload bytes, only {len(pkt.payload)}"
+        )
+    if (src_ip is None) != (dst_ip is None):
+        raise DccpEncodeError("give both src_ip and dst_ip, or neither")
+    if src_ip is not None and dst_ip is not None:
+        total = len(h) + len(pkt.payload)
+        s = pseudo_sum(src_ip, dst_ip, total)
+        if len(h) & 1:  # never: headers are 4-byte multiples
+            raise AssertionError("odd header length")
+        csum = internet_checksum(pkt.payload[:cov_payload], s + int.from_bytes(h, "big") % 0xFFFF)
+        h[6] = csum >> 8
+        h[7] = csum & 0xFF
+    return bytes(h) + pkt.payload
+
+
+# --- fast path for DATA / DATAACK ----------------------------------------------------------
+
+
+def encode_data_into(
+    buf: bytearray,
+    offset: int,
+    *,
+    sport: int,
+    dport: int,
+    seq: int,
+    payload: bytes | bytearray | memoryview,
+    ack: int | None = None,
+    options: bytes = b"",
+    ccval: int = 0,
+    cscov: int = 0,
+    src_ip: Address | None = None,
+    dst_ip: Address | None = None,
+) -> int:
+    """Write a DCCP-Data (``ack`` None) or DCCP-DataAck with X=1 into ``buf`` at ``offset``.
+
+    ``options`` are pre-encoded option bytes (``encode_options``, a multiple of 4 bytes), so
+    the hot loop builds no option objects. ``buf`` must have room; returns bytes written.
+    Checksum as in ``encode`` (zero when no addresses are given).
+    """
+    if len(options) & 3:
+        raise DccpEncodeError("pre-encoded options must be a multiple of 4 bytes")
+    hlen = (24 if ack is not None else 16) + len(options)
+    n = hlen + len(payload)
+    if offset < 0 or offset + n > len(buf):
+        raise DccpEncodeError(f"buffer too small: need {n} bytes at offset {offset}")
+    if not 0 <= seq <= MAX_SEQ:
+        raise DccpEncodeError(f"seq {seq} does not fit 48 bits")
+    if ack is None:
+        struct.pack_into(
+            "!HHBBHBBHI", buf, offset, sport, dport, hlen >> 2, (ccval << 4) | cscov, 0,
+            (PacketType.DATA << 1) | 1, 0, seq >> 32, seq & 0xFFFFFFFF,
+        )  # fmt: skip
+    else:
+        if not 0 <= ack <= MAX_SEQ:
+            raise DccpEncodeError(f"ack {ack} does not fit 48 bits")
+        struct.pack_into(
+            "!HHBBHBBHIHHI", buf, offset, sport, dport, hlen >> 2, (ccval << 4) | cscov, 0,
+            (PacketType.DATAACK << 1) | 1, 0, seq >> 32, seq & 0xFFFFFFFF,
+            0, ack >> 32, ack & 0xFFFFFFFF,
+        )  # fmt: skip
+    o = offset + hlen - len(options)
+    buf[o : o + len(options)] = options
+    buf[offset + hlen : offset + n] = payload
+    if src_ip is not None and dst_ip is not None:
+        cov = n if cscov == 0 else min(hlen + (cscov - 1) * 4, n)
+        csum = internet_checksum(
+            memoryview(buf)[offset : offset + cov], pseudo_sum(src_ip, dst_ip, n)
+        )
+        buf[offset + 6] = csum >> 8
+        buf[offset + 7] = csum & 0xFF
+    return n
+
+
+def encode_data(
+    *,
+    sport: int,
+    dport: int,
+    seq: int,
+    payload: bytes | bytearray | memoryview,
+    ack: int | None = None,
+    options: bytes = b"",
+    ccval: int = 0,
+    cscov: int = 0,
+    src_ip: Address | None = None,
+    dst_ip: Address | None = None,
+) -> bytes:
+    """``encode_data_into`` into a fresh buffer; returns the packet's bytes."""
+    buf = bytearray((24 if ack is not None else 16) + len(options) + len(payload))
+    encode_data_into(
+        buf, 0, sport=sport, dport=dport, seq=seq, payload=payload, ack=ack,
+        options=options, ccval=ccval, cscov=cscov, src_ip=src_ip, dst_ip=dst_ip,
+    )  # fmt: skip
+    return bytes(buf)
+
+
+# --- decode ------------------------------------------------------------------------------
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    src_ip: Address | None = None,
+    dst_ip: Address | None = None,
+    *,
+    verify: bool = True,
+    strict: bool = True,
+    wire_len: int | None = None,
+) -> DccpPacket:
+    """Parse one DCCP packet. Raises only DccpParseError (DccpChecksumError for the checksum).
+
+    ``verify`` checks the checksum against the pseudo-header of ``src_ip``/``dst_ip``; it
+    needs both (a ValueError otherwise: that is the caller's bug, not the peer's).
+    ``strict`` (the default, as RFC 4340 §5.1 requires) rejects X=0 on types that must
+    use X=1; ``strict=False`` decodes them anyway (diagnostics, tcpdump's view).
+    Reserved fields are ignored (§5.1). CsCov past the end of the packet is rejected (§9.2).
+    ``wire_len``: for a truncated capture, the packet's length on the wire (CsCov is checked
+    against it; the payload is what was captured; the checksum cannot be verified).
+    """
+    buf = bytes(data)
+    n = len(buf)
+    if wire_len is not None:
+        if wire_len < n:
+            raise ValueError("wire_len is shorter than the captured data")
+        if verify and wire_len != n:
+            raise ValueError("cannot verify the checksum of a truncated capture")
+    total = n if wire_len is None else wire_len
+    if n < 12:
+        raise DccpParseError(f"packet of {n} bytes is shorter than the 12-byte header")
+    doff = buf[4]
+    ptype = (buf[8] >> 1) & 0x0F
+    x = bool(buf[8] & 1)
+    if ptype > 9:
+        raise DccpParseError(f"reserved packet type {ptype}")
+    t = PacketType(ptype)
+    if not x and t not in SHORT_OK_TYPES and strict:
+        raise DccpParseError(f"{t.name} with X=0 (RFC 4340 §5.1: must be ignored)")
+    fixed = header_length(t, x)
+    hlen = doff * 4
+    if hlen < fixed:
+        raise DccpParseError(f"data offset {doff} words < {t.name} header of {fixed} bytes")
+    if hlen > n:
+        raise DccpParseError(f"data offset {doff} words runs past the {n}-byte packet")
+    cscov = buf[5] & 0x0F
+    if cscov and (doff + cscov - 1) * 4 > total:
+        raise DccpParseError(f"CsCov {cscov} covers more than the {total}-byte packet")
+    if verify:
+        if src_ip is None or dst_ip is None:
+            raise ValueError("decode(verify=True) needs src_ip and dst_ip")
+        expected = compute_checksum(buf, src_ip, dst_ip)
+        received = (buf[6] << 8) | buf[7]
+        if expected != received:
+            raise DccpChecksumError(received, expected)
+    sport, dport = struct.unpack_from("!HH", buf, 0)
+    ack: int | None = None
+    if x:
+        seq = int.from_bytes(buf[10:16], "big")
+        i = 16
+        if t in ACK_TYPES:
+            ack = int.from_bytes(buf[18:24], "big")
+            i = 24
+    else:
+        seq = int.from_bytes(buf[9:12], "big")
+        i = 12
+        if t in ACK_TYPES:
+            ack = int.from_bytes(buf[13:16], "big")
+            i = 16
+    service_code: int | None = None
+    reset_code: int | None = None
+    reset_data = b"\x00\x00\x00"
+    if t in (PacketType.REQUEST, PacketType.RESPONSE):
+        (service_code,) = struct.unpack_from("!I", buf, i)
+        i += 4
+    elif t == PacketType.RESET:
+        reset_code = buf[i]
+        reset_data = buf[i + 1 : i + 4]
+        i += 4
+    options = decode_options(buf[i:hlen]) if hlen > i else ()
+    return DccpPacket(
+        type=t,
+        sport=sport,
+        dport=dport,
+        seq=seq,
+        ack=ack,
+        x=x,
+        ccval=buf[5] >> 4,
+        cscov=cscov,
+        options=options,
+        payload=buf[hlen:],
+        service_code=service_code,
+        reset_code=reset_code,
+        reset_data=reset_data,
+    )
+
+
+# --- DCCP-UDP (RFC 6773) -------------------------------------------------------------------
+
+IPPROTO_UDP = 17
+
+
+def encap_udp(dccp: bytes | bytearray | memoryview, src_ip: Address, dst_ip: Address) -> bytes:
+    """Turn an encoded DCCP packet into a DCCP-UDP datagram's UDP payload... and header.
+
+    Returns the whole UDP datagram (UDP header + rest) to hand to a raw socket, or, minus the
+    first 8 bytes, to a UDP socket (the kernel then writes its own UDP header).
+
+    Layout (RFC 6773 §5, our reading): the UDP header takes the place of the DCCP port
+    fields: the UDP ports are the DCCP ports, and what follows the UDP header is the DCCP
+    generic header from Data Offset on. Data Offset and the DCCP checksum stay exactly as
+    ``encode`` computed them (over the native packet and the IP pseudo-header, protocol
+    33), so ``decap_udp`` restores the native packet byte for byte and ``decode`` verifies it.
+    The UDP checksum (RFC 768, never zero) covers the whole datagram.
+    """
+    b = bytes(dccp)
+    if len(b) < 12:
+        raise DccpEncodeError("not a DCCP packet: shorter than 12 bytes")
+    ulen = 8 + len(b) - 4
+    if ulen > 0xFFFF:
+        raise DccpEncodeError("datagram too long for UDP")
+    body = b[4:]
+    head = bytearray(b[0:4] + ulen.to_bytes(2, "big") + b"\x00\x00")
+    csum = internet_checksum(head + body, pseudo_sum(src_ip, dst_ip, ulen, IPPROTO_UDP))
+    if csum == 0:
+        csum = 0xFFFF
+    head[6] = csum >> 8
+    head[7] = csum & 0xFF
+    return bytes(head) + body
+
+
+def decap_udp(
+    datagram: bytes | bytearray | memoryview,
+    src_ip: Address | None = None,
+    dst_ip: Address | None = None,
+) -> bytes:
+    """The native DCCP packet from a DCCP-UDP datagram (UDP header included).
+
+    With addresses, a non-zero UDP checksum is verified (DccpChecksumError if wrong). The
+    result then goes to ``decode``, which checks the DCCP checksum.
+    """
+    d = bytes(datagram)
+    if len(d) < 8 + 8:
+        raise DccpParseError(f"DCCP-UDP datagram of {len(d)} bytes is too short")
+    ulen = (d[4] << 8) | d[5]
+    if ulen != len(d):
+        raise DccpParseError(f"UDP length {ulen} != datagram length {len(d)}")
+    received = (d[6] << 8) | d[7]
+    if src_ip is not None and dst_ip is not None and received != 0:
+        s = pseudo_sum(src_ip, dst_ip, ulen, IPPROTO_UDP)
+        expected = internet_checksum(d[:6] + b"\x00\x00" + d[8:], s)
+        if expected == 0:
+            expected = 0xFFFF
+        if expected != received:
+            raise DccpChecksumError(received, expected)
+    return d[0:4] + d[8:]
