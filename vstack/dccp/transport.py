@@ -8,12 +8,14 @@ Nothing here knows DCCP semantics beyond what the wire needs:
   the DCCP packet (we strip it and take the addresses from it); AF_INET6 raw sockets deliver
   only the payload, so the destination address comes from ``IPV6_PKTINFO``. While such a
   socket is open the host kernel sends no ICMP protocol-unreachable for DCCP.
-* :class:`UdpDccpSocket` - DCCP-UDP encapsulation (RFC 6773): an ordinary UDP socket whose
-  payload is a complete DCCP packet, DCCP ports included (RFC 6773 §3.1: the UDP ports
-  identify the DCCP-UDP endpoints, not the DCCP ports). The UDP header and its checksum are
-  the kernel's. The DCCP checksum (RFC 4340 §9) of DCCP-UDP is computed with the UDP protocol
-  number (17) in the pseudo-header instead of 33 (:attr:`DccpSocket.pseudo_proto`);
-  :func:`reprotect` converts between the two.
+* :class:`UdpDccpSocket` - DCCP-UDP encapsulation (RFC 6773), in the codec's reading
+  (:func:`vstack.dccp.packet.encap_udp`): the UDP header takes the place of the DCCP port
+  fields, so the UDP ports *are* the DCCP ports and the UDP payload is the DCCP packet from
+  Data Offset on; Data Offset and the DCCP checksum stay those of the native packet. The
+  kernel writes the UDP header and checks its checksum, so this socket only strips the
+  ports on the way out and puts them back on the way in: both sockets move *native* DCCP
+  packets and the codec never sees the difference. The socket's UDP port is the endpoint's
+  DCCP port.
 
 Both carry SO_MARK (the datapath marks its egress 0x5654 so it bypasses the VNIC) and
 SO_BINDTODEVICE. Received datagrams are handed to a callback from the asyncio loop
@@ -71,7 +73,7 @@ def family_of(addr: str) -> int:
 # ------------------------------------------------------------ checksum (RFC 4340 §9)
 def dccp_checksum(pkt: bytes, src: str, dst: str, proto: int = IPPROTO_DCCP) -> int:
     """RFC 4340 §9 checksum of ``pkt`` (its checksum field taken as zero), honouring CsCov,
-    with ``proto`` in the pseudo-header (33 native, 17 for DCCP-UDP)."""
+    with ``proto`` in the pseudo-header (diagnostics; the codec computes the real ones)."""
     if len(pkt) < 12:
         raise ValueError("shorter than a DCCP generic header")
     cover = min(checksum_coverage(pkt), len(pkt))
@@ -105,7 +107,6 @@ class SocketStats:
 class DccpSocket(abc.ABC):
     """A source and sink of encoded DCCP packets (see the module docstring)."""
 
-    pseudo_proto: int = IPPROTO_DCCP
     kind: str = ""
 
     def __init__(self, family: int, fwmark: int = 0, device: str | None = None) -> None:
@@ -216,7 +217,6 @@ class DccpSocket(abc.ABC):
 class RawDccpSocket(DccpSocket):
     """IP protocol 33 over a raw socket (IPv4 or IPv6)."""
 
-    pseudo_proto = IPPROTO_DCCP
     kind = "raw"
 
     def __init__(self, family: int, bind: str | None = None, fwmark: int = 0,
@@ -277,7 +277,6 @@ class RawDccpSocket(DccpSocket):
 class UdpDccpSocket(DccpSocket):
     """DCCP-UDP (RFC 6773): DCCP packets as UDP payloads on ``port`` (0: ephemeral)."""
 
-    pseudo_proto = IPPROTO_UDP
     kind = "udp"
 
     def __init__(self, family: int, bind: str | None = None, port: int = 0, fwmark: int = 0,
@@ -319,12 +318,23 @@ class UdpDccpSocket(DccpSocket):
                 dst = socket.inet_ntop(socket.AF_INET, cdata[8:12])
         if not dst:
             dst = self._bound or ""
-        return RxDatagram(str(addr[0]).split("%", 1)[0], dst, data, int(addr[1]))
+        if len(data) < 8:
+            self.stats.rx_bad += 1
+            return None
+        rport = int(addr[1])
+        native = struct.pack("!HH", rport, self.port) + data
+        return RxDatagram(str(addr[0]).split("%", 1)[0], dst, native, rport)
 
     def sendto(self, data: bytes, remote: str, udp_port: int = 0) -> bool:
-        if not udp_port:
-            raise TransportError(errno.EINVAL, "DCCP-UDP needs the remote UDP port")
-        return self._send(data, (remote, udp_port))
+        """``data`` is a native DCCP packet whose source port is this socket's UDP port; the
+        UDP destination port is its DCCP destination port (``udp_port`` overrides it)."""
+        if len(data) < 12:
+            raise TransportError(errno.EINVAL, "not a DCCP packet")
+        sport, dport = struct.unpack_from("!HH", data, 0)
+        if sport != self.port:
+            raise TransportError(errno.EINVAL,
+                                 f"DCCP source port {sport} != UDP port {self.port}")
+        return self._send(data[4:], (remote, udp_port or dport))
 
 
 def open_socket(kind: str, family: int, *, bind: str | None = None, port: int = 0,
