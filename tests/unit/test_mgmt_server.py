@@ -95,3 +95,26 @@ def test_rate_limiter_suppresses_and_reports() -> None:
     assert [rl.allow(0.0)[0] for _ in range(5)] == [True, True, True, False, False]
     assert rl.allow(10.0) == (True, 2)  # new window; reports the two suppressed lines
     assert rl.allow(10.5) == (True, 0)
+
+
+def test_cli_mgmt_send_produces_an_accepted_message() -> None:
+    from typer.testing import CliRunner
+
+    from vstack.cli.app import app
+    from vstack.management.auth import Accepted
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(10)
+        port = rx.getsockname()[1]
+        r = CliRunner().invoke(app, ["mgmt", "send", "--key", KEY.decode(), "--to",
+                                     f"127.0.0.1:{port}", "switch", f"flow={FLOW}",
+                                     "stack=dccp"])
+        assert r.exit_code == 0, r.output
+        data = rx.recv(65536)
+    out = Verifier(KEY).verify(data, time.time())
+    assert isinstance(out, Accepted)
+    assert out.event.type == "mgmt.switch" and out.event.fields["stack"] == "dccp"
+    r = CliRunner().invoke(app, ["mgmt", "send", "--to", "127.0.0.1:1", "congestion"],
+                           env={"VSTACK_MGMT_KEY": ""})
+    assert r.exit_code == 1 and "no key" in r.output
