@@ -150,6 +150,15 @@ class FeatureOption:
     TYPE: ClassVar[int] = -1
     NAME: ClassVar[str] = "?"
 
+    def __post_init__(self) -> None:
+        # Normalise so that a built option equals its decoded self: an NN value without an
+        # explicit width takes the RFC width; SP features have no width.
+        if is_nn_feature(self.feature):
+            if self.width is None and self.values:
+                object.__setattr__(self, "width", NN_FEATURE_WIDTH[self.feature])
+        elif self.width is not None:
+            object.__setattr__(self, "width", None)
+
     @property
     def is_nn(self) -> bool:
         return is_nn_feature(self.feature)
@@ -172,6 +181,8 @@ class FeatureOption:
             if len(self.values) != 1:
                 raise ValueError(f"NN feature {self.feature} takes one value, got {self.values}")
             w = self.width if self.width is not None else NN_FEATURE_WIDTH[self.feature]
+            if not 1 <= w <= 6:
+                raise ValueError(f"NN value width must be 1-6 bytes, got {w}")
             return self.values[0].to_bytes(w, "big")
         return bytes(self.values)
 
