@@ -159,8 +159,8 @@ def _validate(pkt: DccpPacket) -> None:
             raise DccpEncodeError("RESET needs a reset code 0-255")
         if len(pkt.reset_data) != 3:
             raise DccpEncodeError("reset_data must be 3 bytes (Data 1-3)")
-    elif pkt.reset_code is not None:
-        raise DccpEncodeError(f"{t.name} carries no reset code")
+    elif pkt.reset_code is not None or pkt.reset_data != b"\x00\x00\x00":
+        raise DccpEncodeError(f"{t.name} carries no reset code or data")
     if not 0 <= pkt.ccval <= 15 or not 0 <= pkt.cscov <= 15:
         raise DccpEncodeError("ccval and cscov are 4-bit fields")
 
