@@ -1,0 +1,539 @@
+"""The packet path, top to bottom (the paper's Figure 2, left side).
+
+application -> TUN (VNIC) -> ``Datapath._on_tun_readable``:
+
+1. **read** up to ``[execution] batch`` packets per wakeup of the asyncio loop (one
+   ``os.read`` each, until EAGAIN);
+2. **fast path** (known UDP flow, IPv4 without options and not a fragment, or IPv6 without
+   extension headers): slice the 5-tuple bytes straight out of the packet, one dict
+   lookup gives the flow's pre-resolved send function (the active stack's ``send``), call
+   it with a memoryview of the payload. No parsing, no allocation beyond the read itself,
+   no logging;
+3. **slow path** (everything else): a known flow by its wire key (TCP, UDP on the raw
+   stack, dropped flows) -> ``StackEngine.handle``; otherwise ``classify`` (malformed ->
+   counted and dropped), a ``flow.new`` event, ``selector.decide`` *before the packet
+   leaves*, a new ``StackEngine`` (endpoint, NAT, stack manager), and the packet is sent;
+4. **stacks** carry the payload (UDP socket) or the whole packet (raw socket) out; replies
+   come back through the stack's reader -> ``Endpoint.deliver`` -> ``os.write`` into the
+   TUN -> the application.
+
+A timer every ``metrics_interval_s`` turns per-flow counters into ``flow.metrics`` events
+(``metrics_listeners``), notices idle flows and expires them (``flow.idle``), and logs the
+datapath counters. Everything runs on one asyncio loop; nothing read from the TUN can raise
+out of the reader (every packet's handling is guarded and errors are counted).
+
+``Datapath`` also implements ``Actuator`` (switch, use_interface, retarget, set_dscp, drop,
+flows) for the decision engine, management and the control socket.
+
+Issue 6 hooks: the reader is one function over one fd (a worker per TUN queue can run one
+Datapath each); the fast path's send function is where a GSO ``sendmsg`` will plug in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from vstack.analysis.classifier import ParseError, classify, flow_new_event
+from vstack.analysis.flowkey import FlowKey
+from vstack.config import Config
+from vstack.decision.events import Event
+from vstack.execution.endpoint import Endpoint
+from vstack.execution.engine import EngineError, StackEngine
+from vstack.execution.flows import FlowTable
+from vstack.execution.nat import NatTable
+from vstack.execution.selector import Decision, FlowInfo, StackSelector
+from vstack.execution.stacks.base import StackError
+from vstack.execution.stacks.raw import RawSockets
+from vstack.execution.stacks.udp import UdpStack  # noqa: F401  (registers "udp")
+from vstack.execution.static import StaticSelector
+from vstack.log import DecisionSink, NullSink
+
+log = logging.getLogger("vstack.datapath")
+flowlog = logging.getLogger("vstack.flow")
+
+UDP = 17
+_PORTED = (6, 17, 136)  # protocols whose wire key (classifier.wire_key) carries ports
+MetricsListener = Callable[[Event], None]
+
+
+class FlowNotFound(LookupError):
+    """An Actuator call named a flow the datapath does not have."""
+
+
+def _fast_key(key: FlowKey) -> bytes:
+    """The bytes the fast path slices out of a packet: addresses + ports (IPv4: packet
+    bytes 12..24, IPv6: 8..44)."""
+    fam = socket.AF_INET6 if key.family == 6 else socket.AF_INET
+    return (socket.inet_pton(fam, key.src) + socket.inet_pton(fam, key.dst)
+            + struct.pack("!HH", key.sport, key.dport))
+
+
+def _fmt_target(t: tuple[str, int]) -> str:
+    return f"[{t[0]}]:{t[1]}" if ":" in t[0] else f"{t[0]}:{t[1]}"
+
+
+class Datapath:
+    """``Datapath(config, selector, sink)``; ``attach(fd)`` starts reading a TUN fd on the
+    running loop; ``close()`` stops and releases every flow."""
+
+    def __init__(self, config: Config, selector: StackSelector | None = None,
+                 sink: DecisionSink | None = None) -> None:
+        self.config = config
+        ex = config.execution
+        self.selector: StackSelector = selector or StaticSelector(ex.default_stack)
+        self.sink: DecisionSink = sink or NullSink()
+        self.nat = NatTable(config.nat)
+        self.table: FlowTable[FlowKey, StackEngine] = FlowTable(
+            idle_timeout=ex.idle_timeout_s, max_flows=ex.max_flows)
+        self.metrics_listeners: list[MetricsListener] = []
+        self._fast4: dict[bytes, Callable[[memoryview], None]] = {}
+        self._fast6: dict[bytes, Callable[[memoryview], None]] = {}
+        self._wire: dict[bytes, StackEngine] = {}
+        self._fields: dict[FlowKey, dict[str, Any]] = {}
+        self._batch = ex.batch
+        self._read_size = max(config.vnic.mtu, 1500) + 256
+        self._fd = -1
+        self._write: Callable[[bytes], int] = _no_write
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._raw: RawSockets | None = None
+        self._last_tick = 0.0
+        self._closed = False
+        # datapath counters (see stats())
+        self.rx_packets = 0
+        self.fast_packets = 0
+        self.slow_packets = 0
+        self.malformed = 0
+        self.fragments = 0
+        self.dropped = 0
+        self.errors = 0
+        self.decide_errors = 0
+        self.last_error = ""
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, fd: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start reading packets from the TUN file descriptor ``fd`` (non-blocking)."""
+        self._loop = loop or asyncio.get_running_loop()
+        self._fd = fd
+        os.set_blocking(fd, False)
+        self._write = functools.partial(os.write, fd)
+        self._raw = RawSockets(self.config.vnic.fwmark)
+        self._loop.add_reader(fd, self._on_tun_readable)
+        self._last_tick = time.monotonic()
+        self._timer = self._loop.call_later(self.config.execution.metrics_interval_s, self._tick)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._loop is not None and self._fd >= 0:
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                self._loop.remove_reader(self._fd)
+        for key, e in self.table.clear():
+            e.close()
+            self._unregister(key)
+        if self._raw is not None:
+            self._raw.close()
+
+    # ------------------------------------------------------------------ 1+2: read, fast path
+    def _on_tun_readable(self) -> None:
+        read = os.read
+        fd = self._fd
+        size = self._read_size
+        fast4 = self._fast4
+        fast6 = self._fast6
+        n = 0
+        fast = 0
+        batch = self._batch
+        while n < batch:
+            try:
+                pkt = read(fd, size)
+            except BlockingIOError:
+                break
+            except OSError as e:  # the device went away
+                self._tun_failed(e)
+                break
+            n += 1
+            try:
+                b0 = pkt[0]
+                if b0 == 0x45:
+                    if pkt[9] == UDP and not (pkt[6] & 0x3F or pkt[7]):
+                        f = fast4.get(pkt[12:24])
+                        if f is not None:
+                            f(memoryview(pkt)[28:])
+                            fast += 1
+                            continue
+                elif b0 >> 4 == 6 and pkt[6] == UDP:
+                    f = fast6.get(pkt[8:44])
+                    if f is not None:
+                        f(memoryview(pkt)[48:])
+                        fast += 1
+                        continue
+                self._slow(pkt)
+            except Exception as e:  # nothing from the TUN may crash the datapath
+                self._count_error(e)
+        self.rx_packets += n
+        self.fast_packets += fast
+
+    # ------------------------------------------------------------------ 3: slow path
+    def _slow(self, pkt: bytes) -> None:
+        self.slow_packets += 1
+        n = len(pkt)
+        if n >= 24 and (pkt[0] == 0x45 and not (pkt[6] & 0x3F or pkt[7])
+                        and pkt[9] in _PORTED):
+            e = self._wire.get(pkt[9:10] + pkt[12:24])
+            if e is not None:
+                e.handle(pkt, 28, n)
+                return
+        elif n >= 44 and pkt[0] >> 4 == 6 and pkt[6] in _PORTED:
+            e = self._wire.get(pkt[6:7] + pkt[8:44])
+            if e is not None:
+                e.handle(pkt, 48, n)
+                return
+        try:
+            c = classify(pkt)
+        except ParseError:
+            self.malformed += 1
+            return
+        p = c.packet
+        if c.fragment:
+            # fragments carry no complete transport header: pass them on unchanged
+            self.fragments += 1
+            self._raw_send(pkt, c.family, c.dst)
+            return
+        key = c.key
+        e = self.table.get(key)
+        if e is None:
+            e = self._new_flow(c)
+            if e is None:
+                return
+        e.handle(pkt, p.payload_offset, p.payload_offset + p.payload_len)
+
+    def _raw_send(self, pkt: bytes, family: int, dst: str) -> None:
+        raw = self._raw
+        s = None if raw is None else (raw.v4 if family == 4 else raw.v6)
+        if s is None:
+            self.dropped += 1
+            return
+        try:
+            s.sendto(pkt, (dst, 0))
+        except OSError as e:
+            self._count_error(e)
+
+    def _new_flow(self, c: Any) -> StackEngine | None:
+        key: FlowKey = c.key
+        now = time.time()
+        ev = flow_new_event(c, now)
+        fields = dict(ev.fields)
+        try:
+            self.sink.event(ev)
+            self.sink.flow_seen(key, fields, now)
+        except Exception as err:  # the log must never stop the packet path
+            self._count_error(err)
+        default = self.config.execution.default_stack if c.proto == UDP else "raw"
+        try:
+            d = self.selector.decide(ev, now)
+        except Exception as err:
+            self.decide_errors += 1
+            log.warning("selector failed on %s (%s): using %s", key, err, default)
+            d = Decision(stack=default, rule="fallback")
+        try:
+            self.sink.decision(key, d, now)
+        except Exception as err:
+            self._count_error(err)
+        ep = Endpoint(key, self._write) if c.proto == UDP else None
+        loop = self._loop or asyncio.get_event_loop()
+        e = StackEngine(key, loop=loop, nat=self.nat, fwmark=self.config.vnic.fwmark,
+                        endpoint=ep, stack_options=self._stack_options, created=now,
+                        on_error=self._stack_error)
+        e.rule = d.rule or ""
+        if d.interface:
+            e.interface = d.interface
+        if d.target is not None:
+            e.target_override = d.target
+        if d.dscp is not None:
+            e.dscp = d.dscp
+        if d.drop:
+            e.set_drop()
+        else:
+            name = d.stack or default
+            if not e.can_carry(name):
+                log.warning("flow %s: stack %r cannot carry it, using raw", key, name)
+                name = "raw"
+            try:
+                e.activate(name, d.options, d.rule)
+            except EngineError as err:
+                log.warning("flow %s: %s; using raw", key, err)
+                try:
+                    e.activate("raw", None, "fallback")
+                except EngineError:
+                    e.set_drop()
+        evicted = self.table.insert(key, e, time.monotonic())
+        if evicted is not None:
+            ek, ee = evicted
+            flowlog.info("flow %s evicted (table full, %d flows)", ek, self.table.max_flows)
+            ee.close()
+            self._unregister(ek)
+        self._fields[key] = fields
+        self._register(e)
+        flowlog.info("flow %s created: stack=%s target=%s rule=%s", key,
+                     e.stack_name or "drop", _fmt_target(e.target), e.rule or "-")
+        return e
+
+    def _stack_options(self, name: str) -> Mapping[str, Any]:
+        opts: dict[str, Any] = dict(self.config.stacks.get(name, {}))
+        if name == "raw":
+            opts["raw"] = self._raw
+        return opts
+
+    def _stack_error(self, e: StackEngine, err: StackError) -> None:
+        flowlog.warning("flow %s: stack %s error: %s (%s)", e.key, err.stack, err.reason,
+                        "remote" if err.remote else "local")
+
+    # ------------------------------------------------------------------ fast-path tables
+    def _register(self, e: StackEngine) -> None:
+        key = e.key
+        fk = _fast_key(key) if key.proto in _PORTED else b""
+        if fk:
+            self._wire[bytes([key.proto]) + fk] = e
+        if key.proto != UDP:
+            return
+        table = self._fast6 if key.family == 6 else self._fast4
+        if e.packet_mode or e.dropping or e.active is None:
+            table.pop(fk, None)
+        else:
+            table[fk] = e.send
+
+    def _unregister(self, key: FlowKey) -> None:
+        self._fields.pop(key, None)
+        if key.proto not in _PORTED:
+            return
+        fk = _fast_key(key)
+        self._wire.pop(bytes([key.proto]) + fk, None)
+        (self._fast6 if key.family == 6 else self._fast4).pop(fk, None)
+
+    # ------------------------------------------------------------------ errors
+    def _count_error(self, e: BaseException) -> None:
+        self.errors += 1
+        msg = f"{type(e).__name__}: {e}"
+        if msg != self.last_error:
+            self.last_error = msg
+            log.warning("packet error (counted): %s", msg)
+
+    def _tun_failed(self, e: OSError) -> None:
+        log.error("reading the TUN failed: %s; the datapath stops", e.strerror)
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+
+    # ------------------------------------------------------------------ timer: metrics, idle
+    def _tick(self) -> None:
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+        interval = self.config.execution.metrics_interval_s
+        self._timer = loop.call_later(interval, self._tick)
+        try:
+            self.tick()
+        except Exception as e:
+            log.exception("tick failed: %s", e)
+
+    def tick(self, now_mono: float | None = None) -> None:
+        """Per-interval work: flow.metrics events, idle detection and expiry."""
+        mono = time.monotonic() if now_mono is None else now_mono
+        now = time.time()
+        dt = max(mono - self._last_tick, 1e-6)
+        self._last_tick = mono
+        listeners = self.metrics_listeners
+        for key, e in list(self.table.items()):
+            t = e.totals()
+            activity = t[0] + t[2] + t[4]
+            if activity == e.last_activity:
+                continue
+            e.last_activity = activity
+            self.table.touch(key, mono)
+            prev = e.last_metrics
+            e.last_metrics = t
+            dpo, dbo, dpi, dbi, ddr = (a - b for a, b in zip(t, prev, strict=True))
+            metrics = {
+                "packets": dpo + dpi, "bytes": dbo + dbi,
+                "rate_bps": (dbo + dbi) * 8 / dt, "pps": (dpo + dpi) / dt,
+                "loss": self._loss(e, dpo), "rtt_ms": e.rtt_ms(), "drops": ddr,
+                "interval_s": dt,
+            }
+            try:
+                self.sink.outcome(key, e.stack_name, now, metrics)
+            except Exception as err:
+                self._count_error(err)
+            if listeners:
+                ev = Event("flow.metrics", now, {**self._flow_fields(e), **metrics}, key)
+                self._emit(ev)
+        for key, e in self.table.expire(mono):
+            idle = self.config.execution.idle_timeout_s
+            ev = Event("flow.idle", now, {**self._flow_fields(e), "idle_s": idle}, key)
+            po, bo, pi, bi, dr = e.totals()
+            flowlog.info("flow %s expired after %.0f s idle: out %d pkts/%d B, in %d pkts/%d B,"
+                         " drops %d", key, idle, po, bo, pi, bi, dr)
+            e.close()
+            self._unregister(key)
+            try:
+                self.sink.event(ev)
+            except Exception as err:
+                self._count_error(err)
+            self._emit(ev)
+
+    @staticmethod
+    def _loss(e: StackEngine, sent: int) -> float:
+        if e.active is None or sent <= 0:
+            return 0.0
+        return min(1.0, e.active.metrics.lost / max(e.active.metrics.packets_out, 1))
+
+    def _emit(self, ev: Event) -> None:
+        for cb in list(self.metrics_listeners):
+            try:
+                cb(ev)
+            except Exception as err:
+                log.warning("metrics listener %r failed: %s", cb, err)
+
+    def _flow_fields(self, e: StackEngine) -> dict[str, Any]:
+        f = dict(self._fields.get(e.key, {}))
+        f["stack"] = e.stack_name
+        f["iface"] = e.interface or ""
+        return f
+
+    # ------------------------------------------------------------------ Actuator
+    def _engine(self, flow: FlowKey) -> StackEngine:
+        e = self.table.get(flow)
+        if e is None:
+            raise FlowNotFound(f"no flow {flow}")
+        return e
+
+    def switch(self, flow: FlowKey, stack: str, options: Mapping[str, Any] | None = None,
+               *, rule: str | None = None) -> None:
+        """Switch ``flow`` to ``stack`` between two packets. Raises FlowNotFound or
+        EngineError (unknown stack, or one that cannot carry the flow / failed to open)."""
+        e = self._engine(flow)
+        old = e.stack_name or "drop"
+        e.activate(stack, options, rule)
+        self._register(e)
+        self._log_decision(flow, Decision(stack=stack, rule=rule, options=options or {}))
+        if old != stack:
+            flowlog.info("flow %s switched %s -> %s (target %s, rule %s)", flow, old, stack,
+                         _fmt_target(e.target), rule or "-")
+
+    def use_interface(self, flow: FlowKey, ifname: str, *, rule: str | None = None) -> None:
+        e = self._engine(flow)
+        old = e.interface
+        e.interface = ifname or None
+        try:
+            e.reactivate()
+        except EngineError:
+            e.interface = old
+            raise
+        if rule is not None:
+            e.rule = rule
+        self._register(e)
+        self._log_decision(flow, Decision(interface=ifname, rule=rule))
+        flowlog.info("flow %s moved to interface %s (rule %s)", flow, ifname or "-", rule or "-")
+
+    def retarget(self, flow: FlowKey, address: str, port: int | None,
+                 *, rule: str | None = None) -> None:
+        e = self._engine(flow)
+        try:
+            addr = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise ValueError(f"retarget {flow}: not an IP address: {address!r}") from None
+        if (":" in addr) != (flow.family == 6):
+            raise ValueError(f"retarget {flow}: {addr} is not an IPv{flow.family} address")
+        old_override = e.target_override
+        e.target_override = (addr, port)
+        try:
+            e.reactivate()
+        except EngineError:
+            e.target_override = old_override
+            raise
+        if rule is not None:
+            e.rule = rule
+        self._register(e)
+        self._log_decision(flow, Decision(target=(addr, port), rule=rule))
+        flowlog.info("flow %s retargeted to %s (rule %s)", flow, _fmt_target(e.target),
+                     rule or "-")
+
+    def set_dscp(self, flow: FlowKey, dscp: int) -> None:
+        if not 0 <= dscp < 64:
+            raise ValueError(f"dscp must be 0..63, got {dscp}")
+        self._engine(flow).set_dscp(dscp)
+        self._log_decision(flow, Decision(dscp=dscp))
+
+    def drop(self, flow: FlowKey) -> None:
+        e = self._engine(flow)
+        e.set_drop()
+        self._register(e)
+        self._log_decision(flow, Decision(drop=True))
+        flowlog.info("flow %s: dropping", flow)
+
+    def flows(self) -> list[FlowInfo]:
+        out = []
+        for key, e in self.table.items():
+            po, bo, pi, bi, _ = e.totals()
+            out.append(FlowInfo(key, e.stack_name or "drop", e.interface or "",
+                                _fmt_target(e.target), po, pi, bo, bi, e.rule, e.created,
+                                self.table.last_seen(key)))
+        return out
+
+    def _log_decision(self, flow: FlowKey, d: Decision) -> None:
+        try:
+            self.sink.decision(flow, d, time.time())
+        except Exception as err:
+            self._count_error(err)
+
+    # ------------------------------------------------------------------ configuration reload
+    def reload(self, config: Config) -> None:
+        """Apply a new configuration's NAT map and default stack to new and live flows
+        (flows whose stack the static selector chose). VNIC settings need a restart."""
+        if config.vnic != self.config.vnic:
+            log.warning("reload: [vnic] changes need a restart; ignored")
+            config.vnic = self.config.vnic
+        self.config = config
+        self.nat.update(config.nat)
+        if isinstance(self.selector, StaticSelector):
+            self.selector.set_default(config.execution.default_stack)
+        for key, e in list(self.table.items()):
+            try:
+                if (e.rule == "static" and key.proto == UDP and not e.dropping
+                        and e.stack_name != config.execution.default_stack):
+                    self.switch(key, config.execution.default_stack, rule="static")
+                elif e.active is not None and e.target_for(e.stack_name) != e.active.ctx.target:
+                    e.reactivate()
+                    self._register(e)
+                    flowlog.info("flow %s retargeted to %s (config reload)", key,
+                                 _fmt_target(e.target))
+            except EngineError as err:
+                log.warning("reload: flow %s: %s", key, err)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        c = self.table.counters()
+        return {
+            "rx_packets": self.rx_packets, "fast_packets": self.fast_packets,
+            "slow_packets": self.slow_packets, "malformed": self.malformed,
+            "fragments": self.fragments, "dropped": self.dropped, "errors": self.errors,
+            "decide_errors": self.decide_errors, "flows": c.current,
+            "flows_created": c.created, "flows_expired": c.expired,
+            "flows_evicted": c.evicted,
+        }
+
+
+def _no_write(_pkt: bytes) -> int:
+    return 0

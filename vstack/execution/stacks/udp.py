@@ -1,0 +1,114 @@
+"""The UDP stack: one connected, non-blocking kernel UDP socket per flow (and target).
+
+The socket carries ``SO_MARK`` (the VNIC's fwmark: it leaves by the main routing table and
+never loops back into the TUN) and ``SO_BINDTODEVICE`` when the flow is pinned to an
+interface. Replies are read from the event loop (``add_reader``), drained until EAGAIN (at
+most ``batch`` per wakeup), and handed to the endpoint. ``retarget`` reconnects in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+
+from vstack.execution.stacks.base import Stack, StackError, register_stack
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+RECV_BATCH = 256
+BUF_SIZE = 4 << 20
+
+
+@register_stack
+class UdpStack(Stack):
+    name = "udp"
+
+    _sock: socket.socket | None = None
+    errors: int = 0
+
+    def open(self) -> None:
+        ctx = self.ctx
+        fam = socket.AF_INET if ctx.family == 4 else socket.AF_INET6
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            s.setblocking(False)
+            if ctx.fwmark:
+                s.setsockopt(socket.SOL_SOCKET, SO_MARK, ctx.fwmark)
+            if ctx.interface:
+                s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ctx.interface.encode())
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, opt, BUF_SIZE)
+            dscp = ctx.options.get("dscp")
+            if dscp is not None:
+                self._set_tos(s, int(dscp))
+            s.connect(ctx.target)
+        except OSError:
+            s.close()
+            raise
+        self._sock = s
+        self._send = s.send
+        self._recv = s.recv
+        ctx.loop.add_reader(s.fileno(), self._readable)
+
+    def _set_tos(self, s: socket.socket, dscp: int) -> None:
+        if self.ctx.family == 4:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, (dscp & 0x3F) << 2)
+        else:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, (dscp & 0x3F) << 2)
+
+    def set_dscp(self, dscp: int) -> None:
+        if self._sock is not None:
+            self._set_tos(self._sock, dscp)
+
+    def send(self, payload: bytes | memoryview) -> None:
+        try:
+            self._send(payload)
+        except BlockingIOError:
+            self.metrics.drops += 1
+            return
+        except OSError as e:
+            self._error(e)
+            return
+        m = self.metrics
+        m.packets_out += 1
+        m.bytes_out += len(payload)
+
+    def _error(self, e: OSError) -> None:
+        self.errors += 1
+        self.metrics.drops += 1
+        if self.errors == 1 or self.errors % 1000 == 0:
+            remote = e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+            self.ctx.on_error(StackError(self.name, f"{e.strerror} ({self.errors} errors)",
+                                         remote))
+
+    def _readable(self) -> None:
+        recv = self._recv
+        deliver = self.ctx.deliver
+        m = self.metrics
+        for _ in range(RECV_BATCH):
+            try:
+                data = recv(65535)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._error(e)
+                return
+            m.packets_in += 1
+            m.bytes_in += len(data)
+            deliver(data)
+
+    def retarget(self, target: tuple[str, int]) -> None:
+        self.ctx.target = target
+        if self._sock is not None:
+            self._sock.connect(target)
+
+    def close(self) -> None:
+        s = self._sock
+        if s is None:
+            return
+        self._sock = None
+        with contextlib.suppress(ValueError, RuntimeError):
+            self.ctx.loop.remove_reader(s.fileno())
+        s.close()
