@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from vstack.analysis.flowkey import FlowKey
-from vstack.execution.selector import FlowInfo
+from vstack.execution.selector import Actuator, FlowInfo
 
 log = logging.getLogger("vstack.control")
 
@@ -94,6 +94,26 @@ def flows_result(flows: Iterable[FlowInfo], log_dropped: int | None = None) -> d
     if log_dropped is not None:
         out["log_dropped"] = log_dropped
     return out
+
+
+def actuator_handlers(actuator: Actuator,
+                      log_dropped: Callable[[], int | None] | None = None) -> dict[str, Handler]:
+    """The ``flows`` and ``switch`` handlers over the execution engine's ``Actuator``
+    (the daemon adds ``why``, ``rules_reload`` and ``stats``, which other parts own).
+    ``switch`` is attributed to the rule ``"cli"`` in the decision log."""
+
+    def flows(params: dict[str, Any]) -> Any:
+        return flows_result(actuator.flows(), log_dropped() if log_dropped else None)
+
+    def switch(params: dict[str, Any]) -> Any:
+        flow, stack = params.get("flow"), params.get("stack")
+        if not isinstance(flow, str) or not isinstance(stack, str) or not stack:
+            raise ValueError("switch needs 'flow' (a flow key) and 'stack' (a stack name)")
+        key = FlowKey.parse(flow)
+        actuator.switch(key, stack, rule="cli")
+        return {"flow": str(key), "stack": stack}
+
+    return {"flows": flows, "switch": switch}
 
 
 def _encode(obj: Mapping[str, Any]) -> bytes:

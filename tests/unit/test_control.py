@@ -248,3 +248,38 @@ def test_cli_helpers() -> None:
     assert parse_field("ok=true") == ("ok", True)
     with pytest.raises(ValueError):
         parse_field("novalue")
+
+
+class FakeActuator:
+    """Stands in for the execution engine (engineer A's), which this code does not own."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[FlowKey, str, str | None]] = []
+
+    def switch(self, flow: FlowKey, stack: str, options: Any = None, *,
+               rule: str | None = None) -> None:
+        if flow != KEY:
+            raise KeyError(f"no such flow: {flow}")
+        self.calls.append((flow, stack, rule))
+
+    def flows(self) -> list[FlowInfo]:
+        return [FlowInfo(KEY, "udp", "", "10.201.1.2:9000", 1, 2, 3, 4, "static", 0.0, 0.0)]
+
+
+def test_actuator_handlers_over_the_socket(sockdir: str) -> None:
+    from vstack.control import actuator_handlers
+
+    act = FakeActuator()
+    path = os.path.join(sockdir, "c.sock")
+    with Running(path, actuator_handlers(act, log_dropped=lambda: 0)):  # type: ignore[arg-type]
+        c = ControlClient(path)
+        assert c.call("flows") == {"flows": [{
+            "flow": FLOW, "stack": "udp", "interface": "", "target": "10.201.1.2:9000",
+            "packets_out": 1, "packets_in": 2, "bytes_out": 3, "bytes_in": 4,
+            "rule": "static", "created": 0.0, "last_seen": 0.0}], "log_dropped": 0}
+        assert c.call("switch", flow=FLOW, stack="dccp") == {"flow": FLOW, "stack": "dccp"}
+        with pytest.raises(ControlError, match="no such flow"):
+            c.call("switch", flow="udp:1.1.1.1:1->2.2.2.2:2", stack="dccp")
+        with pytest.raises(ControlError, match="not a flow key"):
+            c.call("switch", flow="junk", stack="dccp")
+    assert act.calls == [(KEY, "dccp", "cli")]

@@ -118,3 +118,30 @@ def test_cli_mgmt_send_produces_an_accepted_message() -> None:
     r = CliRunner().invoke(app, ["mgmt", "send", "--to", "127.0.0.1:1", "congestion"],
                            env={"VSTACK_MGMT_KEY": ""})
     assert r.exit_code == 1 and "no key" in r.output
+
+
+def test_from_config() -> None:
+    from types import SimpleNamespace
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        off = SimpleNamespace(listen="", key="", max_skew_s=30.0)
+        assert ManagementServer.from_config(loop, off, lambda e: None) is None
+        with pytest.raises(ValueError, match="key"):
+            ManagementServer.from_config(loop, SimpleNamespace(listen="127.0.0.1:0", key="",
+                                                               max_skew_s=30.0), print)
+        got: list[Event] = []
+        srv = ManagementServer.from_config(
+            loop, SimpleNamespace(listen="127.0.0.1:0", key=KEY.decode(), max_skew_s=5.0),
+            got.append)
+        assert srv is not None and srv.verifier.max_skew_s == 5.0
+        await srv.start()
+        try:
+            _send(srv.address, sign({"type": "congestion", "link": "l", "level": 0.9}, KEY,
+                                    time.time()))
+            await _until(lambda: len(got) == 1, "accepted")
+        finally:
+            srv.close()
+        assert got[0].fields["level"] == 0.9
+
+    asyncio.run(main())

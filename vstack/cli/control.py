@@ -21,6 +21,7 @@ from vstack.analysis.flowkey import FlowKey
 from vstack.cli.app import app, rules_app
 from vstack.control import ControlClient, ControlError, DaemonNotRunning, default_socket_path
 from vstack.management.auth import sign
+from vstack.management.server import parse_listen
 
 mgmt_app = typer.Typer(help="The management interface (core network side).",
                        no_args_is_help=True)
@@ -174,11 +175,11 @@ def stats_cmd(socket_path: SocketOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT or [ADDR]:PORT, not {text!r}")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` or ``[V6]:PORT`` (port 1..65535)."""
+    host, port = parse_listen(text)
+    if port == 0:
+        raise ValueError(f"port 0 in {text!r}")
+    return host, port
 
 
 def parse_field(text: str) -> tuple[str, Any]:

@@ -55,6 +55,14 @@ class _Protocol(asyncio.DatagramProtocol):
         log.warning("management socket error: %s", exc)
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` or ``"[V6]:PORT"`` (the config's ``management.listen``)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT or [ADDR]:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
 class ManagementServer:
     """``ManagementServer(loop, ("0.0.0.0", 7400), verifier, engine_submit)``;
     ``await server.start()``; ``server.close()``.
@@ -74,6 +82,20 @@ class ManagementServer:
         self.limiter = RateLimiter(log_burst, log_interval_s)
         self.submit_errors = 0
         self._transport: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    def from_config(cls, loop: asyncio.AbstractEventLoop, cfg: Any,
+                    submit: Callable[[Event], None]) -> ManagementServer | None:
+        """From ``Config.management`` (``listen``, ``key``, ``max_skew_s``); None when
+        ``listen`` is empty (the interface is off). Raises ValueError on a bad listen
+        address or an empty key."""
+        if not cfg.listen:
+            return None
+        if not cfg.key:
+            raise ValueError("management.key: empty; the management interface needs a "
+                             "shared key")
+        return cls(loop, parse_listen(cfg.listen),
+                   Verifier(cfg.key, max_skew_s=cfg.max_skew_s), submit)
 
     async def start(self) -> None:
         transport, _ = await self.loop.create_datagram_endpoint(
