@@ -411,8 +411,24 @@ def _sat(op: str, v: object, x: object) -> bool:
     return True
 
 
+_NEG_OP = {"==": "!=", "!=": "==", "<": ">=", ">=": "<", ">": "<=", "<=": ">"}
+
+
+def _negation(t: A.Cond) -> A.Cond:
+    if isinstance(t, A.Not):
+        return t.item
+    if isinstance(t, A.InSet):
+        return A.InSet(t.operand, t.set, not t.negated)
+    if isinstance(t, A.Compare):
+        return A.Compare(_NEG_OP[t.op], t.left, t.right)
+    return A.Not(t)
+
+
 def _disjoint(a: A.Cond | None, b: A.Cond | None) -> bool:
     """Conservative: True only if no event can satisfy both conditions."""
+    terms_b = _conjuncts(b)
+    if any(_negation(t) in terms_b for t in _conjuncts(a)):
+        return True
     for fa, oa, va in _atoms(a):
         for fb, ob, vb in _atoms(b):
             if fa != fb:

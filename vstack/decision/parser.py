@@ -237,23 +237,33 @@ def _expected(exc: UnexpectedInput) -> str:
     return "; expected " + ", ".join(names)
 
 
+def _end_pos(text: str) -> tuple[int, int]:
+    """Line and column just after the last non-blank character."""
+    body = text.rstrip()
+    lines = body.split("\n")
+    return len(lines), len(lines[-1]) + 1
+
+
 def parse_rules(text: str, filename: str = "<rules>") -> A.RuleSet:
     """Parse ``.rules`` source. Raises ``RulesSyntaxError`` (``file:line:col: message``)."""
     try:
         tree: Tree[Token] = _parser().parse(text)
     except UnexpectedToken as e:
         tok = e.token
-        what = "end of file" if tok.type == "$END" else f"{str(tok)!r}"
+        if tok.type == "$END":
+            line, col = _end_pos(text)
+            raise RulesSyntaxError(filename, line, col,
+                                   f"unexpected end of file{_expected(e)}") from None
         raise RulesSyntaxError(filename, e.line if e.line > 0 else 1, max(e.column, 1),
-                               f"unexpected {what}{_expected(e)}") from None
+                               f"unexpected {str(tok)!r}{_expected(e)}") from None
     except UnexpectedCharacters as e:
         pos = e.pos_in_stream or 0
         ch = text[pos] if pos < len(text) else "?"
         raise RulesSyntaxError(filename, e.line, e.column,
                                f"unexpected character {ch!r}{_expected(e)}") from None
     except UnexpectedEOF as e:
-        lines = text.splitlines() or [""]
-        raise RulesSyntaxError(filename, len(lines), len(lines[-1]) + 1,
+        line, col = _end_pos(text)
+        raise RulesSyntaxError(filename, line, col,
                                f"unexpected end of file{_expected(e)}") from None
     except UnexpectedInput as e:  # pragma: no cover - other lark input errors
         raise RulesSyntaxError(filename, getattr(e, "line", 1), getattr(e, "column", 1),
