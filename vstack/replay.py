@@ -498,7 +498,9 @@ class ReplayEngine(Protocol):
     def handle_timer(self, now: float) -> Any: ...
 
 
-EngineFactory = Callable[[Actuator], ReplayEngine]
+# Called once with the replay's actuator and sink; the engine logs its events and decisions
+# to that sink (as ``DecisionEngine`` does), which is how replay sees them.
+EngineFactory = Callable[[Actuator, DecisionSink], ReplayEngine]
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +558,7 @@ class ReplayResult:
     decisions: list[ReplayedDecision]
     stats: ReplayStats
     problems: list[TraceProblem]
+    flow_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_id: int | None = None
 
     def first_decisions(self) -> dict[str, ReplayedDecision]:
@@ -564,44 +567,64 @@ class ReplayResult:
 
 
 class _ReplayActuator:
-    """The execution side as replay sees it: records what the engine asks for."""
+    """The execution side as replay sees it: keeps each flow's stack, interface and target
+    (the engine logs the decisions themselves to its sink)."""
 
     def __init__(self, replayer: Replayer) -> None:
         self._r = replayer
-
-    def _record(self, flow: FlowKey, decision: Decision) -> None:
-        self._r._record(flow, decision, self._r.now, self._r.cause)
 
     def switch(self, flow: FlowKey, stack: str, options: Mapping[str, Any] | None = None,
                *, rule: str | None = None) -> None:
         st = self._r.flows.get(flow)
         if st is not None:
             st.stack = stack
-        self._record(flow, Decision(stack=stack, options=dict(options or {}), rule=rule))
+            st.rule = rule or st.rule
 
     def use_interface(self, flow: FlowKey, ifname: str, *, rule: str | None = None) -> None:
         st = self._r.flows.get(flow)
         if st is not None:
             st.interface = ifname
-        self._record(flow, Decision(interface=ifname, rule=rule))
 
     def retarget(self, flow: FlowKey, address: str, port: int | None,
                  *, rule: str | None = None) -> None:
         st = self._r.flows.get(flow)
         if st is not None:
             st.target = address if port is None else f"{address}:{port}"
-        self._record(flow, Decision(target=(address, port), rule=rule))
 
     def set_dscp(self, flow: FlowKey, dscp: int) -> None:
-        self._record(flow, Decision(dscp=dscp))
+        pass
 
     def drop(self, flow: FlowKey) -> None:
-        self._record(flow, Decision(drop=True))
+        pass
 
     def flows(self) -> Iterable[FlowInfo]:
         return [FlowInfo(s.key, s.stack, s.interface, s.target, s.packets_out, s.packets_in,
                          s.bytes_out, s.bytes_in, s.rule, s.created, s.last_seen)
                 for s in self._r.flows.values()]
+
+
+class _Tap:
+    """The sink the engine writes to: records decisions for the result, forwards all."""
+
+    def __init__(self, replayer: Replayer, sink: DecisionSink) -> None:
+        self._r = replayer
+        self._sink = sink
+
+    def event(self, event: Event) -> None:
+        self._sink.event(event)
+
+    def decision(self, flow: FlowKey | None, decision: Decision, now: float) -> None:
+        self._r._record(flow, decision, now)
+        self._sink.decision(flow, decision, now)
+
+    def outcome(self, flow: FlowKey, stack: str, now: float, metrics: Mapping[str, Any]) -> None:
+        self._sink.outcome(flow, stack, now, metrics)
+
+    def flow_seen(self, flow: FlowKey, features: Mapping[str, Any], now: float) -> None:
+        self._sink.flow_seen(flow, features, now)
+
+    def close(self) -> None:
+        pass
 
 
 class Replayer:
@@ -618,13 +641,14 @@ class Replayer:
         self.stats = ReplayStats()
         self.now = float("-inf")
         self.cause = ""
+        self.flow_facts: dict[str, dict[str, Any]] = {}  # flow -> its flow.new fields
         self.actuator = _ReplayActuator(self)
-        self.engine = engine_factory(self.actuator)
+        self.engine = engine_factory(self.actuator, _Tap(self, self.sink))
 
-    def _record(self, flow: FlowKey | None, d: Decision, now: float, cause: str) -> None:
-        self.decisions.append(ReplayedDecision(now, None if flow is None else str(flow), cause, d))
+    def _record(self, flow: FlowKey | None, d: Decision, now: float) -> None:
+        self.decisions.append(ReplayedDecision(now, None if flow is None else str(flow),
+                                               self.cause, d))
         self.stats.decisions += 1
-        self.sink.decision(flow, d, now)
 
     def _advance(self, t: float) -> None:
         if t > self.now:
@@ -688,15 +712,14 @@ class Replayer:
         flow = _FlowState(key, now, now, packets_out=1, bytes_out=len(item.data))
         self.flows[key] = flow
         ev = flow_new_event(cls, now)
+        self.flow_facts[str(key)] = dict(ev.fields)
         self.sink.flow_seen(key, ev.fields, now)
-        self.sink.event(ev)
         self.cause = "flow.new"
         d = self.engine.decide(ev, now)
         flow.stack = d.stack or flow.stack
         flow.interface = d.interface or flow.interface
         flow.rule = d.rule or ""
         st.stacks[d.stack or ""] = st.stacks.get(d.stack or "", 0) + 1
-        self._record(key, d, now, "flow.new")
 
     def event(self, item: TraceEvent) -> None:
         ev = item.event
@@ -708,7 +731,6 @@ class Replayer:
         if ev.time != now:
             ev = Event(ev.type, now, ev.fields, ev.flow)
         self.stats.events += 1
-        self.sink.event(ev)
         if ev.type == "flow.metrics" and ev.flow is not None:
             stack = str(ev.fields.get("stack") or "")
             if stack:
@@ -728,6 +750,19 @@ class Replayer:
             self.run_timers(self.now)
         for st in self.flows.values():
             self.sink.flow_seen(st.key, {}, st.last_seen)
+
+
+def engine_factory(ruleset: Any, *, backend: str = "durable", exploration: float = 0.0,
+                   seed: int = 0, params: Mapping[str, Any] | None = None) -> EngineFactory:
+    """An ``EngineFactory`` building the live ``DecisionEngine`` on ``ruleset`` (a parsed
+    ``RuleSet``) with a fixed seed, so replays are deterministic."""
+    from vstack.decision.engine import DecisionEngine
+
+    def make(actuator: Actuator, sink: DecisionSink) -> ReplayEngine:
+        return DecisionEngine(ruleset, actuator, sink, backend=backend,
+                              exploration=exploration, seed=seed, params=params)
+
+    return make
 
 
 def replay(trace: str | os.PathLike[str] | Iterable[TraceItem], engine_factory: EngineFactory,
@@ -752,7 +787,10 @@ def replay(trace: str | os.PathLike[str] | Iterable[TraceItem], engine_factory: 
         for item in trace:
             replayer.feed(item)
     replayer.finish()
-    return ReplayResult(replayer.decisions, replayer.stats, problems)
+    close = getattr(replayer.engine, "close", None)
+    if callable(close):
+        close()
+    return ReplayResult(replayer.decisions, replayer.stats, problems, replayer.flow_facts)
 
 
 __all__ = [
@@ -767,6 +805,7 @@ __all__ = [
     "TracePacket",
     "TraceProblem",
     "TraceReader",
+    "engine_factory",
     "link_payload",
     "replay",
 ]
