@@ -40,6 +40,7 @@ from vstack.dccp.packet import (
     ACK_TYPES,
     DccpChecksumError,
     DccpEncodeError,
+    DccpOptionError,
     DccpPacket,
     DccpParseError,
     PacketType,
@@ -468,3 +469,24 @@ def test_udp_encapsulation_errors() -> None:
         decap_udp(bytes(dgram[:-1]), "10.0.0.1", "10.0.0.2")
     with pytest.raises(DccpParseError, match="too short"):
         decap_udp(b"\x00" * 10)
+
+
+def test_option_error_carries_reset_data_and_header() -> None:
+    # An Ack whose Timestamp option has length 5: Linux answers Reset 5 (Option Error).
+    good = encode(
+        DccpPacket(PacketType.ACK, 7, 8, 100, ack=50, options=(Timestamp(0x01020304),)), None, None
+    )
+    bad = bytearray(good)
+    i = bad.index(b"\x29\x06")
+    bad[i + 1] = 5
+    with pytest.raises(DccpOptionError) as ei:
+        decode(bytes(bad), verify=False)
+    err = ei.value
+    assert err.option_type == 41 and err.reset_data == b"\x29\x01\x02"
+    assert err.packet is not None
+    assert (err.packet.type, err.packet.seq, err.packet.ack) == (PacketType.ACK, 100, 50)
+    assert err.packet.options == ()
+    assert isinstance(err, DccpParseError)  # still counted and dropped by plain callers
+    with pytest.raises(DccpOptionError) as e2:
+        decode_options(b"\x2b")
+    assert e2.value.reset_data == b"\x2b\x00\x00"

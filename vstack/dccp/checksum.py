@@ -72,19 +72,26 @@ def pseudo_header(src: Address, dst: Address, length: int, proto: int = IPPROTO_
     return s + d + length.to_bytes(4, "big") + b"\x00\x00\x00" + bytes((proto,))
 
 
-@lru_cache(maxsize=1024)
-def _addr_sum(src: bytes, dst: bytes, proto: int) -> tuple[int, bool]:
-    if len(src) != len(dst):
+@lru_cache(maxsize=4096)
+def _addr_sum(src: Address, dst: Address, proto: int) -> tuple[int, bool]:
+    # Keyed on the addresses as given (str, bytes, ipaddress: all hashable), so the hot path
+    # does one dict lookup per packet.
+    s, d = address_bytes(src), address_bytes(dst)
+    if len(s) != len(d):
         raise ValueError("source and destination address families differ")
-    v6 = len(src) == 16
-    return (int.from_bytes(src + dst, "big") + proto) % 0xFFFF, v6
+    return (int.from_bytes(s + d, "big") + proto) % 0xFFFF, len(s) == 16
 
 
 def pseudo_sum(src: Address, dst: Address, length: int, proto: int = IPPROTO_DCCP) -> int:
-    """The pseudo-header's 16-bit-word sum modulo 0xFFFF (cached per address pair)."""
-    s, v6 = _addr_sum(address_bytes(src), address_bytes(dst), proto)
+    """An int congruent (mod 0xFFFF) to the pseudo-header's 16-bit-word sum.
+
+    The address part is cached per address pair.
+    """
+    if isinstance(src, bytearray) or isinstance(dst, bytearray):  # unhashable
+        src, dst = address_bytes(src), address_bytes(dst)
+    s, v6 = _addr_sum(src, dst, proto)
     # IPv4: 16-bit length; IPv6: 32-bit length = two words.
-    return (s + (length >> 16) + (length & 0xFFFF)) % 0xFFFF if v6 else (s + length) % 0xFFFF
+    return s + (length >> 16) + (length & 0xFFFF) if v6 else s + length
 
 
 def _fold(total: int) -> int:

@@ -22,7 +22,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from vstack.dccp.packet import DccpPacket
 
 __all__ = [
     "NN_FEATURE_WIDTH",
@@ -34,6 +37,7 @@ __all__ = [
     "ConfirmR",
     "DataChecksum",
     "DataDropped",
+    "DccpOptionError",
     "DccpParseError",
     "ElapsedTime",
     "Feature",
@@ -66,6 +70,27 @@ class DccpParseError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class DccpOptionError(DccpParseError):
+    """An option with an invalid length or value (RFC 4340 §5.8; Linux answers Reset 5).
+
+    ``option_type`` and ``option_data`` (what there was of it) give the Reset's Data 1-3
+    (§5.6, Option Error): ``reset_data``. ``packet``: set by ``packet.decode`` to the packet
+    decoded *without* its options, so that the connection can check its sequence number
+    before answering with a Reset.
+    """
+
+    def __init__(self, reason: str, option_type: int, option_data: bytes) -> None:
+        super().__init__(reason)
+        self.option_type = option_type
+        self.option_data = bytes(option_data)
+        self.packet: DccpPacket | None = None
+
+    @property
+    def reset_data(self) -> bytes:
+        """Data 1-3 of a Reset with code Option Error (5): type, first two data bytes."""
+        return bytes((self.option_type,)) + (self.option_data[:2] + b"\x00\x00")[:2]
 
 
 class OptionType(IntEnum):
@@ -466,11 +491,13 @@ def decode_option_body(t: int, body: bytes) -> Option:
     n = len(body)
     if 32 <= t <= 35:
         if n < 1:
-            raise DccpParseError(f"{_name(t)}: no feature number")
+            raise DccpOptionError(f"{_name(t)}: no feature number", t, body)
         feature, rest = body[0], body[1:]
         if is_nn_feature(feature):
             if len(rest) > 6:
-                raise DccpParseError(f"{_name(t)}: NN value of {len(rest)} bytes exceeds 6")
+                raise DccpOptionError(
+                    f"{_name(t)}: NN value of {len(rest)} bytes exceeds 6", t, body
+                )
             values: tuple[int, ...] = (int.from_bytes(rest, "big"),) if rest else ()
             return _FEATURE_CLASSES[t](feature, values, len(rest) if rest else None)
         return _FEATURE_CLASSES[t](feature, tuple(rest))
@@ -478,7 +505,7 @@ def decode_option_body(t: int, body: bytes) -> Option:
         return InitCookie(body)
     if t == 37:
         if not 1 <= n <= 6:
-            raise DccpParseError(f"ndp_count: length {n + 2} not 3-8")
+            raise DccpOptionError(f"ndp_count: length {n + 2} not 3-8", t, body)
         return NdpCount(int.from_bytes(body, "big"))
     if t in (38, 39):
         return AckVector(t - 38, body)
@@ -486,21 +513,21 @@ def decode_option_body(t: int, body: bytes) -> Option:
         return DataDropped(body)
     if t == 41:
         if n != 4:
-            raise DccpParseError(f"timestamp: length {n + 2} not 6")
+            raise DccpOptionError(f"timestamp: length {n + 2} not 6", t, body)
         return Timestamp(int.from_bytes(body, "big"))
     if t == 42:
         if n not in (4, 6, 8):
-            raise DccpParseError(f"timestamp_echo: length {n + 2} not 6, 8 or 10")
+            raise DccpOptionError(f"timestamp_echo: length {n + 2} not 6, 8 or 10", t, body)
         return TimestampEcho(
             int.from_bytes(body[:4], "big"), int.from_bytes(body[4:], "big") if n > 4 else None
         )
     if t == 43:
         if n not in (2, 4):
-            raise DccpParseError(f"elapsed_time: length {n + 2} not 4 or 6")
+            raise DccpOptionError(f"elapsed_time: length {n + 2} not 4 or 6", t, body)
         return ElapsedTime(int.from_bytes(body, "big"))
     if t == 44:
         if n != 4:
-            raise DccpParseError(f"data_checksum: length {n + 2} not 6")
+            raise DccpOptionError(f"data_checksum: length {n + 2} not 6", t, body)
         return DataChecksum(int.from_bytes(body, "big"))
     if t >= 128:
         return CcidOption(t, body)
@@ -526,12 +553,14 @@ def decode_options(data: bytes | bytearray | memoryview) -> tuple[Option, ...]:
             i += 1
             continue
         if i + 1 >= end:
-            raise DccpParseError(f"{_name(t)}: truncated before its length byte")
+            raise DccpOptionError(f"{_name(t)}: truncated before its length byte", t, b"")
         length = buf[i + 1]
         if length < 2:
-            raise DccpParseError(f"{_name(t)}: length {length} < 2")
+            raise DccpOptionError(f"{_name(t)}: length {length} < 2", t, b"")
         if i + length > end:
-            raise DccpParseError(f"{_name(t)}: length {length} runs past the options area")
+            raise DccpOptionError(
+                f"{_name(t)}: length {length} runs past the options area", t, buf[i + 2 : end]
+            )
         out.append(decode_option_body(t, buf[i + 2 : i + length]))
         i += length
     return tuple(out)

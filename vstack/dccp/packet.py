@@ -25,13 +25,20 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from vstack.dccp.checksum import Address, check, compute_checksum, internet_checksum, pseudo_sum
-from vstack.dccp.options import DccpParseError, Option, decode_options, encode_options
+from vstack.dccp.options import (
+    DccpOptionError,
+    DccpParseError,
+    Option,
+    decode_options,
+    encode_options,
+)
 
 __all__ = [
     "ACK_TYPES",
     "MAX_SEQ",
     "DccpChecksumError",
     "DccpEncodeError",
+    "DccpOptionError",
     "DccpPacket",
     "DccpParseError",
     "PacketType",
@@ -120,14 +127,22 @@ class DccpPacket:
     reset_data: bytes = field(default=b"\x00\x00\x00")
 
 
-def header_length(ptype: PacketType | int, x: bool = True) -> int:
-    """Bytes of the fixed header (generic + ack subheader + type-specific), no options."""
+def _header_length(ptype: int, x: bool) -> int:
     n = 16 if x else 12
     if ptype in ACK_TYPES:
         n += 8 if x else 4
     if ptype in (PacketType.REQUEST, PacketType.RESPONSE, PacketType.RESET):
         n += 4
     return n
+
+
+_HLEN = {(t, x): _header_length(t, x) for t in range(10) for x in (False, True)}
+_TYPES = tuple(PacketType)
+
+
+def header_length(ptype: PacketType | int, x: bool = True) -> int:
+    """Bytes of the fixed header (generic + ack subheader + type-specific), no options."""
+    return _HLEN[int(ptype), bool(x)]
 
 
 # --- encode ------------------------------------------------------------------------------
@@ -342,10 +357,10 @@ def decode(
     x = bool(buf[8] & 1)
     if ptype > 9:
         raise DccpParseError(f"reserved packet type {ptype}")
-    t = PacketType(ptype)
+    t = _TYPES[ptype]
     if not x and t not in SHORT_OK_TYPES and strict:
         raise DccpParseError(f"{t.name} with X=0 (RFC 4340 §5.1: must be ignored)")
-    fixed = header_length(t, x)
+    fixed = _HLEN[ptype, x]
     hlen = doff * 4
     if hlen < fixed:
         raise DccpParseError(f"data offset {doff} words < {t.name} header of {fixed} bytes")
@@ -385,8 +400,14 @@ def decode(
         reset_code = buf[i]
         reset_data = buf[i + 1 : i + 4]
         i += 4
-    options = decode_options(buf[i:hlen]) if hlen > i else ()
-    return DccpPacket(
+    options: tuple[Option, ...] = ()
+    option_error: DccpOptionError | None = None
+    if hlen > i:
+        try:
+            options = decode_options(buf[i:hlen])
+        except DccpOptionError as e:
+            option_error = e
+    pkt = DccpPacket(
         type=t,
         sport=sport,
         dport=dport,
@@ -401,6 +422,10 @@ def decode(
         reset_code=reset_code,
         reset_data=reset_data,
     )
+    if option_error is not None:
+        option_error.packet = pkt  # the header, options left out: for a Reset (Option Error)
+        raise option_error
+    return pkt
 
 
 # --- DCCP-UDP (RFC 6773) -------------------------------------------------------------------
