@@ -219,10 +219,13 @@ class DecisionEngine:
         self.stats["decisions"] += 1
         c = self._c
         key = event.flow
-        facts: dict[str, Any] = flow_facts(key) if key is not None else {}
-        facts.update(event.fields)
-        facts.setdefault("stack", "")
-        facts.setdefault("iface", "")
+        facts: dict[str, Any] = dict(event.fields)
+        if key is not None and "flow" not in facts:
+            facts = {**flow_facts(key), **facts}
+        if "stack" not in facts:
+            facts["stack"] = ""
+        if "iface" not in facts:
+            facts["iface"] = ""
         self._sink_event(event)
         try:
             eff, fired = self._evaluate(c, event.type, facts, key, now)
@@ -235,8 +238,7 @@ class DecisionEngine:
         if key is not None:
             f = self._flows.get(key)
             if f is None:
-                f = self._flows[key] = _Flow({k: v for k, v in facts.items()
-                                              if k not in ("stack", "iface")})
+                f = self._flows[key] = _Flow(dict(facts))
             f.stack = decision.stack or f.stack
             f.iface = decision.interface or str(facts.get("iface") or "")
             f.rule = decision.rule or ""
@@ -340,7 +342,7 @@ class DecisionEngine:
             only = c.flow_rules
         elif flow_rules is False:
             only = frozenset(r.name for r in c.ruleset.rules) - c.flow_rules
-        eff, fired = self._evaluate(c, event.type, facts, key, now, only)
+        eff, _fired = self._evaluate(c, event.type, facts, key, now, only)
         if not eff:
             return 0
         applied = self._apply(c, eff, key, facts, now)

@@ -25,6 +25,7 @@ import ipaddress
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from vstack.decision import ast as A
@@ -272,12 +273,17 @@ def _arg(v: A.Value, facts: Mapping[str, Any], params: Mapping[str, Any],
     return v.id
 
 
+@lru_cache(maxsize=256)
+def _known_fields(event: str) -> frozenset[str]:
+    spec = fields_for(event)
+    return frozenset(spec[0]) if spec else frozenset()
+
+
 def bind(rule: A.Rule, facts: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[
         BoundAction, ...]:
     """Resolve a rule's action arguments. May raise ValueError for a bad dynamic target."""
     out: list[BoundAction] = []
-    spec = fields_for(rule.event)
-    known = spec[0] if spec else {}
+    known = _known_fields(rule.event)
     for a in rule.actions:
         bare = a.name in ("use_stack", "use_interface", "start_timer", "stop_timer")
         args: list[Any] = []
