@@ -490,3 +490,20 @@ def test_option_error_carries_reset_data_and_header() -> None:
     with pytest.raises(DccpOptionError) as e2:
         decode_options(b"\x2b")
     assert e2.value.reset_data == b"\x2b\x00\x00"
+
+
+@FAST
+@given(packets(), ADDRS, st.lists(st.tuples(st.integers(0, 10_000), u8), min_size=1, max_size=4))
+def test_mutated_packets_only_parse_errors(
+    pkt: DccpPacket, addrs: tuple[str, str], flips: list[tuple[int, int]]
+) -> None:
+    wire = bytearray(encode(pkt, *addrs))
+    for pos, val in flips:
+        wire[pos % len(wire)] = val
+    for verify in (False, True):
+        try:
+            got = decode(bytes(wire), *addrs, verify=verify)
+        except DccpParseError as e:
+            assert e.reason
+        else:
+            assert isinstance(got.type, PacketType)
