@@ -417,9 +417,9 @@ class DccpConnection:
     # ---- public API -----------------------------------------------------------------
     def send(self, data: bytes, now: float) -> bool:
         """Queue one datagram; False if it was dropped (counted in ``stats``)."""
-        if self.state not in (State.PARTOPEN, State.OPEN, State.REQUEST, State.RESPOND) or (
-            self._close_pending
-        ):
+        usable = (State.PARTOPEN, State.OPEN, State.REQUEST, State.RESPOND)
+        fresh = self.state == State.CLOSED and not self._closed_emitted  # before connect()
+        if (self.state not in usable and not fresh) or self._close_pending:
             self.stats.send_refused += 1
             return False
         if len(data) > self.config.mps:
@@ -534,6 +534,11 @@ class DccpConnection:
 
     def _retransmit(self, now: float) -> None:
         c = self.config
+        if self._rtx_count >= c.max_retransmits and self.state == State.PARTOPEN:
+            # A server that sends nothing (Linux does not answer a bare Ack) leaves us
+            # in PARTOPEN; that is no sign of a dead peer, so stop retransmitting.
+            self._rtx_at = None
+            return
         if self._rtx_count >= c.max_retransmits:
             why = f"no answer in {self.state.name} after {self._rtx_count} retries"
             self._peer_timeout(why, now)
@@ -603,8 +608,10 @@ class DccpConnection:
             ):
                 self.stats.out_of_window += 1
                 return
-        # §8.5 step 6 / §7.5.3: sequence validity; never a state change otherwise
-        elif not self.seq.check(pkt.type, pkt.seq, pkt.ack):
+        # §8.5 step 6 / §7.5.3: sequence validity; never a state change otherwise.
+        # (In REQUEST, step 4 already validated the ackno and set GSR = P.seqno, which
+        # the strict Reset rule GSR < seqno would otherwise reject.)
+        elif st != State.REQUEST and not self.seq.check(pkt.type, pkt.seq, pkt.ack):
             self.stats.out_of_window += 1
             gsr = self.seq.gsr
             self._send_sync(now, gsr if pkt.type == PT.RESET and gsr is not None else pkt.seq)
@@ -751,6 +758,10 @@ class DccpConnection:
         self._events.append(HandshakeComplete(self.features.local[ft.CCID]))
         if pkt.type == PT.DATAACK:
             self._on_data(pkt, now)
+        else:
+            # not required by §8.1.5, but any packet from us ends the client's PARTOPEN
+            # (and its Ack retransmissions) at once, instead of with our first data
+            self._ack_now = True
 
     def _on_data(self, pkt: DccpPacket, now: float) -> None:
         self._deliver(pkt)

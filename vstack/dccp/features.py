@@ -260,7 +260,7 @@ class FeatureNegotiator:
                 return None
             table[opt.feature] = value
             res.changed.append(("R" if peer_local else "L", opt.feature, value))
-            self._owe(confirm_cls(opt.feature, (value,)))
+            self._owe(confirm_cls(opt.feature, (value,), opt.width))  # same width as the Change
             return None
         ours = prefs_map.get(opt.feature, (spec.default,))
         theirs = tuple(v for v in opt.values if spec.is_valid(v)) if opt.values else ()
