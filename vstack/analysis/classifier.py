@@ -169,8 +169,10 @@ def wire_key(buf: bytes | bytearray | memoryview) -> bytes | None:
     is ``None`` or unknown.  Equal 5-tuples give equal keys; different ones differ.
     """
     n = len(buf)
-    if n >= 24 and buf[0] == 0x45 and not (buf[6] & 0x3F or buf[7]) and buf[9] in _PORTED:
-        return bytes(buf[9:10]) + bytes(buf[12:24])
+    if n >= 24 and buf[0] == 0x45:
+        if buf[9] in _PORTED and not (buf[6] & 0x3F or buf[7]):
+            return bytes(buf[9:10]) + bytes(buf[12:24])
+        return None
     if n >= 44 and buf[0] >> 4 == 6 and buf[6] in _PORTED:
         return bytes(buf[6:7]) + bytes(buf[8:44])
     return None
