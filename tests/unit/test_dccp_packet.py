@@ -333,6 +333,13 @@ def test_encode_rejects_impossible_packets() -> None:
         DccpPacket(PacketType.DATA, 1, 2, 3, cscov=3, payload=b"abc"),  # covers past the data
         DccpPacket(PacketType.DATA, 70000, 2, 3),
         DccpPacket(PacketType.DATA, 1, 2, 3, options=(InitCookie(b"x" * 253),) * 5),  # > 1020
+        DccpPacket(PacketType.DATA, 1, 2, 3, options=(InitCookie(b"x" * 254),)),  # > 255
+        DccpPacket(PacketType.DATA, 1, 2, 3, options=(Timestamp(1 << 32),)),
+        DccpPacket(PacketType.DATA, 1, 2, 3, options=(ChangeL(Feature.CCID, (256,)),)),
+        DccpPacket(PacketType.DATA, 1, 2, 3, options=(ChangeL(Feature.ACK_RATIO, (1, 2)),)),
+        DccpPacket(PacketType.DATA, 1, 2, 3, options=(AckVector(2, b""),)),
+        DccpPacket(PacketType.DATA, 1, 2, 3, options=(CcidOption(5, b""),)),
+        DccpPacket(PacketType.DATA, 1, 2, 3, options=(UnknownOption(7, b"x"),)),
     ]:
         with pytest.raises(DccpEncodeError):
             encode(p, *a)
@@ -440,6 +447,8 @@ def test_encode_data_into_matches_encode(
 def test_encode_data_into_checks_room() -> None:
     with pytest.raises(DccpEncodeError, match="too small"):
         encode_data_into(bytearray(10), 0, sport=1, dport=2, seq=3, payload=b"")
+    with pytest.raises(DccpEncodeError, match="16-bit"):
+        encode_data_into(bytearray(64), 0, sport=1, dport=70000, seq=3, payload=b"")
     with pytest.raises(DccpEncodeError, match="multiple of 4"):
         encode_data_into(bytearray(64), 0, sport=1, dport=2, seq=3, payload=b"", options=b"\x00")
 

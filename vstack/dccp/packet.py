@@ -218,10 +218,14 @@ def encode(pkt: DccpPacket, src_ip: Address | None, dst_ip: Address | None) -> b
 
     ``src_ip``/``dst_ip`` (str, bytes or ipaddress; both IPv4 or both IPv6) give the
     pseudo-header. Both None: the checksum field is left zero (a caller that fills it in
-    itself). Raises DccpEncodeError (or ValueError for bad option values).
+    itself). Raises DccpEncodeError (a ValueError) for anything that cannot be encoded.
     """
     _validate(pkt)
-    h = _header(pkt, encode_options(pkt.options))
+    try:
+        opts = encode_options(pkt.options)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise DccpEncodeError(f"bad option: {e}") from e
+    h = _header(pkt, opts)
     cov_payload = len(pkt.payload) if pkt.cscov == 0 else (pkt.cscov - 1) * 4
     if cov_payload > len(pkt.payload):
         raise DccpEncodeError(
@@ -272,6 +276,10 @@ def encode_data_into(
         raise DccpEncodeError(f"buffer too small: need {n} bytes at offset {offset}")
     if not 0 <= seq <= MAX_SEQ:
         raise DccpEncodeError(f"seq {seq} does not fit 48 bits")
+    if not (
+        0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF and 0 <= ccval <= 15 and 0 <= cscov <= 15
+    ):
+        raise DccpEncodeError("ports are 16-bit, ccval and cscov 4-bit fields")
     if ack is None:
         struct.pack_into(
             "!HHBBHBBHI", buf, offset, sport, dport, hlen >> 2, (ccval << 4) | cscov, 0,
