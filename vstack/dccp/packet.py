@@ -236,8 +236,7 @@ def encode(pkt: DccpPacket, src_ip: Address | None, dst_ip: Address | None) -> b
     if src_ip is not None and dst_ip is not None:
         total = len(h) + len(pkt.payload)
         s = pseudo_sum(src_ip, dst_ip, total)
-        if len(h) & 1:  # never: headers are 4-byte multiples
-            raise AssertionError("odd header length")
+        # The header is a 4-byte multiple, so the payload's words line up with it.
         csum = internet_checksum(pkt.payload[:cov_payload], s + int.from_bytes(h, "big") % 0xFFFF)
         h[6] = csum >> 8
         h[7] = csum & 0xFF
@@ -442,12 +441,14 @@ IPPROTO_UDP = 17
 
 
 def encap_udp(dccp: bytes | bytearray | memoryview, src_ip: Address, dst_ip: Address) -> bytes:
-    """Turn an encoded DCCP packet into a DCCP-UDP datagram's UDP payload... and header.
+    """Turn an encoded (native) DCCP packet into a DCCP-UDP datagram, UDP header included.
 
     Returns the whole UDP datagram (UDP header + rest) to hand to a raw socket, or, minus the
     first 8 bytes, to a UDP socket (the kernel then writes its own UDP header).
 
-    Layout (RFC 6773 §5, our reading): the UDP header takes the place of the DCCP port
+    Layout (RFC 6773 §5, our reading; not checked against the RFC's text, which we could
+    not consult here, nor against another implementation, as Linux never had DCCP-UDP):
+    the UDP header takes the place of the DCCP port
     fields: the UDP ports are the DCCP ports, and what follows the UDP header is the DCCP
     generic header from Data Offset on. Data Offset and the DCCP checksum stay exactly as
     ``encode`` computed them (over the native packet and the IP pseudo-header, protocol
