@@ -793,8 +793,117 @@ def replay(trace: str | os.PathLike[str] | Iterable[TraceItem], engine_factory: 
     return ReplayResult(replayer.decisions, replayer.stats, problems, replayer.flow_facts)
 
 
+# ---------------------------------------------------------------------------------------
+# Comparing runs (shadow evaluation of candidate rules)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowChoice:
+    """What a run decided for one flow: the flow.new decision and the stack it ended on."""
+
+    stack: str | None
+    rule: str | None
+    final: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowDiff:
+    flow: str
+    old: FlowChoice
+    new: FlowChoice
+
+    @property
+    def changed(self) -> bool:
+        return self.old.stack != self.new.stack
+
+    @property
+    def final_changed(self) -> bool:
+        return self.old.final != self.new.final
+
+
+@dataclass(slots=True)
+class Comparison:
+    old_run: int
+    new_run: int | None
+    diffs: list[FlowDiff]
+    only_old: list[str]
+    only_new: list[str]
+
+    @property
+    def changed(self) -> list[FlowDiff]:
+        return [d for d in self.diffs if d.changed]
+
+    def transitions(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.changed:
+            k = f"{d.old.stack or '-'} -> {d.new.stack or '-'}"
+            out[k] = out.get(k, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "old_run": self.old_run, "new_run": self.new_run, "flows": len(self.diffs),
+            "same": len(self.diffs) - len(self.changed), "changed": len(self.changed),
+            "final_changed": sum(1 for d in self.diffs if d.final_changed),
+            "only_old": len(self.only_old), "only_new": len(self.only_new),
+            "transitions": self.transitions(),
+            "diffs": [{"flow": d.flow, "old_stack": d.old.stack, "old_rule": d.old.rule,
+                       "new_stack": d.new.stack, "new_rule": d.new.rule,
+                       "old_final": d.old.final, "new_final": d.new.final}
+                      for d in self.changed],
+        }
+
+
+def choices_from_result(result: ReplayResult) -> dict[str, FlowChoice]:
+    first: dict[str, ReplayedDecision] = {}
+    final: dict[str, str | None] = {}
+    for d in result.decisions:
+        if d.flow is None:
+            continue
+        if d.cause == "flow.new" and d.flow not in first:
+            first[d.flow] = d
+        if d.decision.stack is not None:
+            final[d.flow] = d.decision.stack
+    return {f: FlowChoice(d.decision.stack, d.decision.rule, final.get(f, d.decision.stack))
+            for f, d in first.items()}
+
+
+def choices_from_db(engine: Any, run_id: int) -> dict[str, FlowChoice]:
+    """Per flow of a logged run: its first decision with a stack and its last stack.
+    Raises ``LookupError`` if the run does not exist."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from db.models import DecisionRow, Run
+
+    with Session(engine) as s:
+        if s.get(Run, run_id) is None:
+            raise LookupError(f"run {run_id} is not in the database")
+        first: dict[str, tuple[str | None, str | None]] = {}
+        final: dict[str, str | None] = {}
+        for d in s.scalars(select(DecisionRow).where(DecisionRow.run_id == run_id)
+                           .where(DecisionRow.flow.is_not(None))
+                           .order_by(DecisionRow.time, DecisionRow.id)):
+            f = str(d.flow)
+            if f not in first:
+                first[f] = (d.stack, d.rule)
+            if d.stack is not None:
+                final[f] = d.stack
+    return {f: FlowChoice(st, rule, final.get(f, st)) for f, (st, rule) in first.items()}
+
+
+def compare(old: Mapping[str, FlowChoice], new: Mapping[str, FlowChoice], old_run: int,
+            new_run: int | None = None) -> Comparison:
+    both = sorted(set(old) & set(new))
+    return Comparison(old_run, new_run, [FlowDiff(f, old[f], new[f]) for f in both],
+                      sorted(set(old) - set(new)), sorted(set(new) - set(old)))
+
+
 __all__ = [
+    "Comparison",
     "EngineFactory",
+    "FlowChoice",
+    "FlowDiff",
     "ReplayEngine",
     "ReplayResult",
     "ReplayStats",
@@ -805,6 +914,9 @@ __all__ = [
     "TracePacket",
     "TraceProblem",
     "TraceReader",
+    "choices_from_db",
+    "choices_from_result",
+    "compare",
     "engine_factory",
     "link_payload",
     "replay",

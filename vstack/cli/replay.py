@@ -1,3 +1,255 @@
-"""(not yet written)"""
+"""``vstack replay``, ``vstack db ...`` and ``vstack learn ...`` (the decision log's commands).
+
+``vstack replay TRACE`` feeds a pcap/pcapng/JSONL trace through the classifier and the
+decision engine (``vstack.replay``), writes the decisions to the database as a new run
+(``kind=replay``), and with ``--compare RUN_ID`` shows per flow what changed against
+another run: shadow evaluation of candidate rules before deploying them.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from learning.cli import app as learn_app
+from vstack.cli.app import app
+
+db_app = typer.Typer(help="The decision log database (SQLite by default; any SQLAlchemy URL).",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(learn_app, name="learn")
+
+DB_HELP = ("Database: SQLAlchemy URL or SQLite path [default: $VSTACK_DB or "
+           "/var/lib/vstack/decisions.sqlite]")
+
+
+def _db_url(url: str | None) -> str:
+    import db
+
+    return db.to_url(url or os.environ.get("VSTACK_DB") or None)
+
+
+def _fail(console: Console, msg: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@db_app.command("upgrade")
+def db_upgrade(db_url: str = typer.Option(None, "--db", help=DB_HELP)) -> None:
+    """Migrate the database schema to this vstack's newest revision."""
+    import db
+
+    err = Console(stderr=True)
+    url = _db_url(db_url)
+    try:
+        engine = db.make_engine(url)
+        try:
+            db.check_schema(engine, migrate=False)
+            typer.echo(f"{db.safe_url(url)}: already at {db.head_revision()}")
+            return
+        except db.SchemaOutdated:
+            before, after = db.upgrade(engine)
+        finally:
+            engine.dispose()
+    except db.DatabaseError as e:
+        raise _fail(err, str(e)) from None
+    typer.echo(f"{db.safe_url(url)}: upgraded {before or '(empty)'} -> {after}")
+
+
+@db_app.command("runs")
+def db_runs(db_url: str = typer.Option(None, "--db", help=DB_HELP),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the runs in the decision log (ids for --compare and learning)."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    import db
+    from db.models import DecisionRow, Flow, Outcome, Run
+
+    err = Console(stderr=True)
+    try:
+        engine = db.open_db(_db_url(db_url), create=False, migrate=False)
+    except db.DatabaseError as e:
+        raise _fail(err, str(e)) from None
+    rows: list[dict[str, Any]] = []
+    with Session(engine) as s:
+        counts = {}
+        for model in (Flow, DecisionRow, Outcome):
+            counts[model.__tablename__] = dict(
+                s.execute(select(model.run_id, func.count()).group_by(model.run_id)).all())
+        for r in s.scalars(select(Run).order_by(Run.id)):
+            rows.append({"id": r.id, "kind": r.kind, "started": r.started, "host": r.host,
+                         "rules_version": r.rules_version, "source": r.source,
+                         "flows": counts["flows"].get(r.id, 0),
+                         "decisions": counts["decisions"].get(r.id, 0),
+                         "outcomes": counts["outcomes"].get(r.id, 0)})
+    engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title="runs")
+    for c in ("id", "kind", "started", "host", "rules", "flows", "decisions", "outcomes",
+              "source"):
+        t.add_column(c)
+    import datetime as dt
+
+    for row in rows:
+        started = dt.datetime.fromtimestamp(row["started"], dt.UTC).strftime(
+            "%Y-%m-%d %H:%M:%S")
+        t.add_row(str(row["id"]), row["kind"], started, row["host"],
+                  (row["rules_version"] or "")[:12], str(row["flows"]), str(row["decisions"]),
+                  str(row["outcomes"]), row["source"] or "")
+    Console().print(t)
+
+
+@app.command("replay")
+def replay_cmd(
+    trace: str = typer.Argument(..., help="pcap, pcapng or vstack JSONL trace"),
+    rules: str = typer.Option("rules/default.rules", "--rules", "-r", help=".rules file"),
+    db_url: str = typer.Option(None, "--db", help=DB_HELP),
+    no_db: bool = typer.Option(False, "--no-db", help="Do not write a run to the database."),
+    compare_run: int = typer.Option(None, "--compare", metavar="RUN_ID",
+                                    help="Diff the decisions against this logged run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    seed: int = typer.Option(0, help="Seed of the engine's exploration draws."),
+    exploration: float = typer.Option(0.0, min=0.0, max=1.0,
+                                      help="Exploration epsilon (0: the rules' choice)."),
+    backend: str = typer.Option("durable", help="Rule backend: durable or reference."),
+    no_migrate: bool = typer.Option(False, "--no-migrate",
+                                    help="Refuse an old schema instead of upgrading it."),
+    show_problems: int = typer.Option(20, help="Print at most this many trace problems."),
+    show_flows: int = typer.Option(30, help="--compare: list at most this many changed flows."),
+) -> None:
+    """Replay a trace through the classifier and the decision engine, deterministically."""
+    import db
+    from vstack.decision.checker import RulesCheckError, check_or_raise
+    from vstack.decision.parser import RulesSyntaxError, parse_rules_file
+    from vstack.log import DecisionSink, NullSink
+    from vstack.log.writer import LogWriter, RunInfo
+    from vstack.replay import (
+        TraceProblem,
+        choices_from_db,
+        choices_from_result,
+        compare,
+        engine_factory,
+        replay,
+    )
+
+    err = Console(stderr=True)
+    out = Console()
+    if not os.path.isfile(trace):
+        raise _fail(err, f"{trace}: no such file")
+    try:
+        rs = parse_rules_file(rules)
+        check_or_raise(rs)
+    except (RulesSyntaxError, RulesCheckError) as e:
+        raise _fail(err, str(e), 2) from None
+    url = _db_url(db_url)
+    writer: LogWriter | None = None
+    sink: DecisionSink = NullSink()
+    if compare_run is not None or not no_db:
+        try:
+            if not no_db:
+                writer = LogWriter(url, RunInfo(
+                    kind="replay", source=os.path.abspath(trace), rules_version=rs.source_hash[:12],
+                    config={"rules": os.path.abspath(rules), "seed": seed,
+                            "exploration": exploration, "backend": backend}),
+                    block=True, migrate=not no_migrate)
+                sink = writer
+            else:
+                db.open_db(url, create=False, migrate=not no_migrate).dispose()
+        except db.DatabaseError as e:
+            raise _fail(err, str(e)) from None
+
+    shown = [0]
+
+    def on_problem(p: TraceProblem) -> None:
+        if shown[0] < show_problems:
+            err.print(f"[yellow]{trace}: {p}[/yellow] (skipped)", highlight=False,
+                      soft_wrap=True)
+        shown[0] += 1
+
+    quiet = as_json or not err.is_terminal
+    with Progress(TextColumn("replay"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err, disable=quiet, transient=True) as prog:
+        task = prog.add_task("replay", total=os.path.getsize(trace) or 1)
+
+        def progress(pos: int, size: int) -> None:
+            prog.update(task, completed=pos, total=size or 1)
+
+        try:
+            result = replay(trace, engine_factory(rs, backend=backend, exploration=exploration,
+                                                  seed=seed),
+                            sink=sink, on_problem=on_problem, progress=progress)
+        except KeyboardInterrupt:
+            if writer is not None:
+                writer.close()
+            raise typer.Exit(130) from None
+    run_id = None
+    if writer is not None:
+        writer.close()
+        run_id = writer.run_id
+        result.run_id = run_id
+        if writer.lost or writer.dropped:
+            err.print(f"[red]warning:[/red] {writer.lost + writer.dropped} log records were "
+                      f"not written ({writer.last_error})")
+    if shown[0] > show_problems:
+        err.print(f"[yellow]... and {shown[0] - show_problems} more problems[/yellow]")
+
+    comparison = None
+    if compare_run is not None:
+        try:
+            engine = db.open_db(url, create=False, migrate=False)
+            try:
+                old = choices_from_db(engine, compare_run)
+            finally:
+                engine.dispose()
+        except (db.DatabaseError, LookupError) as e:
+            raise _fail(err, str(e)) from None
+        comparison = compare(old, choices_from_result(result), compare_run, run_id)
+
+    st = result.stats
+    if as_json:
+        doc: dict[str, Any] = {"trace": trace, "rules": rules, "rules_version":
+                               rs.source_hash[:12], "run_id": run_id, "stats": st.as_dict(),
+                               "problems": [str(p) for p in result.problems]}
+        if comparison is not None:
+            doc["compare"] = comparison.as_dict()
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    t = Table(title=f"replay of {os.path.basename(trace)} with {rules}")
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    for label, val in (("packets (app->net)", st.packets), ("packets (net->app)", st.packets_in),
+                       ("flows", st.flows), ("events submitted", st.events),
+                       ("recorded flow.new/timer events (regenerated)", st.events_regenerated),
+                       ("timers fired", st.timers), ("decisions", st.decisions),
+                       ("non-IP frames", st.non_ip), ("malformed packets", st.malformed),
+                       ("orphan replies", st.orphans), ("trace problems (skipped)", st.problems)):
+        t.add_row(label, str(val))
+    for stack, n in sorted(st.stacks.items()):
+        t.add_row(f"flows on {stack or '(no stack)'}", str(n))
+    out.print(t)
+    out.print(f"run id: {run_id}" if run_id is not None else "not written to a database")
+    if comparison is not None:
+        c = comparison.as_dict()
+        ct = Table(title=f"compare with run {compare_run}: {c['changed']} of {c['flows']} flows "
+                         f"choose another stack ({c['only_old']} only in run {compare_run}, "
+                         f"{c['only_new']} only in this replay)")
+        for col in ("flow", f"run {compare_run}", "replay"):
+            ct.add_column(col)
+        for d in comparison.changed[:show_flows]:
+            ct.add_row(d.flow, f"{d.old.stack} ({d.old.rule})", f"{d.new.stack} ({d.new.rule})")
+        out.print(ct)
+        if len(comparison.changed) > show_flows:
+            out.print(f"... {len(comparison.changed) - show_flows} more changed flows")
+        for k, n in comparison.transitions().items():
+            out.print(f"  {k}: {n} flows")
+    sys.stdout.flush()
