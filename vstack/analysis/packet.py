@@ -345,8 +345,6 @@ def _parse_v4(buf: bytes | bytearray | memoryview, n: int) -> IPPacket:
     tos = buf[1]
     ident = buf[4] << 8 | buf[5]
     ff = buf[6] << 8 | buf[7]
-    if ff & 0x8000:
-        raise ParseError("IPv4 reserved flag set")
     mf = bool(ff & 0x2000)
     frag_off = (ff & 0x1FFF) * 8
     proto = buf[9]
@@ -492,7 +490,9 @@ def verify_ip_checksum(buf: bytes | bytearray | memoryview) -> bool:
 def verify_l4_checksum(buf: bytes | bytearray | memoryview) -> bool:
     """Check the UDP / UDP-Lite / TCP / ICMP / ICMPv6 checksum of a whole (unfragmented) packet.
 
-    An IPv4 UDP checksum of 0 means "not computed" (RFC 768) and counts as valid.  Raises
+    An IPv4 UDP checksum of 0 means "not computed" (RFC 768) and counts as valid.  The
+    pseudo header uses the IPv6 header's destination (a routing header with segments left
+    is not followed to the final destination, RFC 8200 s8.1).  Raises
     :class:`ParseError` if the packet does not parse, is a fragment, or has no such header.
     """
     p = parse(buf)
