@@ -158,15 +158,15 @@ class _Source:
 
 
 _PCAP_MAGICS = {
-    b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
-    b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9),
+    b"\xd4\xc3\xb2\xa1": ("<", 1_000_000), b"\xa1\xb2\xc3\xd4": (">", 1_000_000),
+    b"\x4d\x3c\xb2\xa1": ("<", 1_000_000_000), b"\xa1\xb2\x3c\x4d": (">", 1_000_000_000),
 }
 _PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
 
 
 def _read_pcap(src: _Source, on_problem: ProblemHandler) -> Iterator[TracePacket]:
     buf, size = src.buf, src.size
-    endian, scale = _PCAP_MAGICS[bytes(buf[:4])]
+    endian, ticks = _PCAP_MAGICS[bytes(buf[:4])]
     if size < 24:
         on_problem(TraceProblem("byte 0", "pcap file header truncated"))
         return
@@ -179,7 +179,7 @@ def _read_pcap(src: _Source, on_problem: ProblemHandler) -> Iterator[TracePacket
         if at + 16 > size:
             return False
         sec, frac, incl, orig = rec.unpack_from(buf, at)
-        if incl > limit or orig > _MAX_ORIG or orig < incl or frac * scale >= 1.0:
+        if incl > limit or orig > _MAX_ORIG or orig < incl or frac >= ticks:
             return False
         if last_ts is not None and abs(sec - last_ts) > 86_400:
             return False
@@ -202,7 +202,7 @@ def _read_pcap(src: _Source, on_problem: ProblemHandler) -> Iterator[TracePacket
                                     f"truncated record header ({size - pos} of 16 bytes)"))
             return
         sec, frac, incl, orig = rec.unpack_from(buf, pos)
-        bad = incl > limit or orig > _MAX_ORIG or frac * scale >= 1.0
+        bad = incl > limit or orig > _MAX_ORIG or frac >= ticks
         if not bad and pos + 16 + incl > size:
             on_problem(TraceProblem(f"packet {n} at byte {pos}",
                                     f"truncated record: {incl} bytes captured, "
@@ -222,7 +222,7 @@ def _read_pcap(src: _Source, on_problem: ProblemHandler) -> Iterator[TracePacket
         pos += 16 + incl
         last_ts = sec
         ip = link_payload(link, frame)
-        t = sec + frac * scale
+        t = sec + frac / ticks
         if ip is None:
             yield TracePacket(t, b"", None, f"packet {n} at byte {pos - 16 - incl}")
             continue
@@ -239,6 +239,7 @@ _NG_KNOWN = frozenset({_NG_SHB, _NG_IDB, _NG_PB, _NG_SPB, _NG_EPB, 4, 5, 7, 9, 1
 
 
 def _ng_tsresol(opts: bytes, endian: str) -> float:
+    """Ticks per second of an interface (option if_tsresol; default microseconds)."""
     off = 0
     while off + 4 <= len(opts):
         code, length = struct.unpack_from(endian + "HH", opts, off)
@@ -246,15 +247,15 @@ def _ng_tsresol(opts: bytes, endian: str) -> float:
             break
         if code == 9 and length >= 1:
             v = opts[off + 4]
-            return 2.0 ** -(v & 0x7F) if v & 0x80 else 10.0 ** -v
+            return 2.0 ** (v & 0x7F) if v & 0x80 else float(10 ** v)
         off += 4 + ((length + 3) & ~3)
-    return 1e-6
+    return 1e6
 
 
 def _read_pcapng(src: _Source, on_problem: ProblemHandler) -> Iterator[TracePacket]:
     buf, size = src.buf, src.size
     endian = "<"
-    ifaces: list[tuple[int, int, float]] = []  # (link, snaplen, ts scale)
+    ifaces: list[tuple[int, int, float]] = []  # (link, snaplen, ticks per second)
     pos, n, blockno, last_t = 0, 0, 0, 0.0
 
     def block_ok(at: int) -> bool:
@@ -309,7 +310,7 @@ def _read_pcapng(src: _Source, on_problem: ProblemHandler) -> Iterator[TracePack
         if btype == _NG_IDB:
             if len(body) < 8:
                 on_problem(TraceProblem(where, "interface block too short"))
-                ifaces.append((-1, 0, 1e-6))
+                ifaces.append((-1, 0, 1e6))
                 continue
             link, _res, snap = struct.unpack_from(endian + "HHI", body, 0)
             ifaces.append((link, snap, _ng_tsresol(body[8:], endian)))
@@ -329,18 +330,18 @@ def _read_pcapng(src: _Source, on_problem: ProblemHandler) -> Iterator[TracePack
             if iface >= len(ifaces):
                 on_problem(TraceProblem(pwhere, f"unknown interface {iface}"))
                 continue
-            link, _snap, scale = ifaces[iface]
+            link, _snap, ticks = ifaces[iface]
             if cap > len(body) - 20:
                 on_problem(TraceProblem(pwhere, f"captured length {cap} exceeds the block"))
                 continue
             frame = body[20:20 + cap]
-            t = ((hi << 32) | lo) * scale
+            t = ((hi << 32) | lo) / ticks
         else:  # simple packet block: no timestamp, interface 0
             if not ifaces or len(body) < 4:
                 on_problem(TraceProblem(pwhere, "simple packet block without an interface"))
                 continue
             (orig,) = struct.unpack_from(endian + "I", body, 0)
-            link, snap, _scale = ifaces[0]
+            link, snap, _ticks = ifaces[0]
             cap = min(orig, len(body) - 4, snap or orig)
             frame = body[4:4 + cap]
             t = last_t

@@ -33,7 +33,7 @@ def _key(i: int) -> FlowKey:
     return FlowKey(17, "10.0.0.1", 1024 + i % 50_000, "10.201.1.2", 9000)
 
 
-def _wait(cond, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+def _wait(cond, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
