@@ -200,13 +200,12 @@ def serve_dccp(
     seconds: float = typer.Option(0.0, "--seconds", help="stop after N seconds (0: never)"),
 ) -> None:
     """DCCP (CCID2) sink or echo on raw IP protocol 33, or DCCP-UDP with --udp-encap."""
-    from vstack.dccp.endpoint import DccpServer
-
     try:
         code = int(service, 0)
     except ValueError as e:
         print(f"vstack serve dccp: bad --service {service!r}", file=sys.stderr)
         raise typer.Exit(2) from e
+    from vstack.dccp.endpoint import DccpServer
     family = socket.AF_INET6 if (ipv6 or (bind and ":" in bind)) else socket.AF_INET
     counter = BinCounter()
     label = f"dccp:{port}{'/udp' if udp_encap else ''}{' echo' if echo else ' sink'}"

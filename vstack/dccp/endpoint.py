@@ -1,0 +1,374 @@
+"""asyncio adapter for the sans-IO DCCP connection (:mod:`vstack.dccp.connection`).
+
+The connection takes decoded packets, datagrams and ``now`` and hands back packets, timers
+and events; this module does the I/O around it, on the one event loop:
+
+* packets out: ``conn.packets_to_send(now)`` -> :func:`~vstack.dccp.packet.encode` with the
+  pseudo-header addresses -> a :class:`~vstack.dccp.transport.DccpSocket`;
+* packets in: the socket's reader callback -> demultiplex by (remote address, remote port,
+  local port) -> :func:`~vstack.dccp.packet.decode` (checksum verified) -> ``conn.receive``;
+  malformed packets are counted and dropped;
+* timers: ``conn.next_timer()`` -> one ``loop.call_at`` per endpoint, re-armed after every
+  input (the loop's clock is the connection's ``now``);
+* events: ``conn.next_event()`` -> the owner's callback.
+
+:class:`DccpClient` is one connection (the DCCP stack's, or a test's); :class:`DccpServer`
+is a listener that accepts many connections on one port, each demultiplexed by its
+(address, port), as a sink (counting) or an echo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vstack.dccp import connection as dc
+from vstack.dccp.packet import DccpPacket, DccpParseError, decode, encode
+from vstack.dccp.transport import DccpSocket, RxDatagram, TransportError, open_socket
+
+if TYPE_CHECKING:
+    from vstack.cli.serve import BinCounter
+
+DEFAULT_SERVICE = 0x44434350  # "DCCP"
+
+EventCallback = Callable[[Any], None]
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    rx_packets: int = 0
+    rx_malformed: int = 0  # failed to decode (bad checksum included): counted and dropped
+    rx_checksum: int = 0
+    tx_packets: int = 0
+    tx_dropped: int = 0  # the kernel refused (socket buffer full)
+
+
+class DccpEndpoint:
+    """Drives one :class:`~vstack.dccp.connection.DccpConnection` on the event loop."""
+
+    def __init__(self, conn: Any, sock: DccpSocket, local_ip: str, remote_ip: str,
+                 loop: asyncio.AbstractEventLoop, on_event: EventCallback | None = None,
+                 udp_port: int = 0) -> None:
+        self.conn = conn
+        self.sock = sock
+        self.local_ip = local_ip
+        self.remote_ip = remote_ip
+        self.udp_port = udp_port
+        self.loop = loop
+        self.on_event = on_event
+        self.stats = EndpointStats()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ inputs
+    def now(self) -> float:
+        return self.loop.time()
+
+    def feed(self, data: bytes, src: str, dst: str) -> None:
+        """One received DCCP packet (bytes) for this connection."""
+        self.stats.rx_packets += 1
+        try:
+            pkt = decode(data, src, dst)
+        except DccpParseError as e:
+            self.stats.rx_malformed += 1
+            if type(e).__name__ == "DccpChecksumError":
+                self.stats.rx_checksum += 1
+            return
+        self.feed_packet(pkt)
+
+    def feed_packet(self, pkt: DccpPacket) -> None:
+        if self.closed:
+            return
+        self.conn.receive(pkt, self.now())
+        self.pump()
+
+    def send(self, data: bytes) -> bool:
+        """Queue one datagram; False when the connection refused it (queue full / closed)."""
+        if self.closed:
+            return False
+        ok = bool(self.conn.send(data, self.now()))
+        self.pump()
+        return ok
+
+    def close(self) -> None:
+        """Graceful close (Close -> Reset(Closed)); the owner sees ConnectionClosed."""
+        if self.closed:
+            return
+        self.conn.close(self.now())
+        self.pump()
+
+    def abort(self) -> None:
+        """Stop driving the connection at once (no packets), cancel the timer."""
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.closed:
+            return
+        self.conn.handle_timer(self.now())
+        self.pump()
+
+    # ----------------------------------------------------------------- outputs
+    def pump(self) -> None:
+        """Send what the connection has, hand out its events, re-arm its timer."""
+        now = self.now()
+        for pkt in self.conn.packets_to_send(now):
+            try:
+                data = encode(pkt, self.local_ip, self.remote_ip)
+                ok = self.sock.sendto(data, self.remote_ip, self.udp_port)
+            except (TransportError, ValueError):
+                ok = False
+            if ok:
+                self.stats.tx_packets += 1
+            else:
+                self.stats.tx_dropped += 1
+        while True:
+            ev = self.conn.next_event()
+            if ev is None:
+                break
+            if self.on_event is not None:
+                self.on_event(ev)
+        if self.closed:
+            return
+        t = self.conn.next_timer()
+        if t is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+                self._timer_at = None
+        elif t != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = t
+            self._timer = self.loop.call_at(max(t, now), self._on_timer)
+
+
+# --------------------------------------------------------------------------- client
+def _ports(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 12:
+        return None
+    sp, dp = struct.unpack_from("!HH", data, 0)
+    return sp, dp
+
+
+def _is_failure(ev: Any) -> bool:
+    """An event that ends a connection that is not ours to end (ConnectionClosed follows)."""
+    return isinstance(ev, dc.ResetReceived | dc.PeerTimeout | dc.ProtocolError)
+
+
+class DccpClient:
+    """One client connection: its own socket (raw or DCCP-UDP), its own DCCP port.
+
+    ``on_event`` gets every connection event; ``on_datagram`` the payloads. ``wait_open``
+    resolves at HandshakeComplete and raises :class:`DccpConnectError` when the peer resets
+    or the handshake times out.
+    """
+
+    def __init__(self, remote: tuple[str, int], *, transport: str = "raw",
+                 service_code: int = DEFAULT_SERVICE, fwmark: int = 0,
+                 device: str | None = None, bind: str | None = None,
+                 on_datagram: Callable[[bytes], None] | None = None,
+                 on_event: EventCallback | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 conn_options: dict[str, Any] | None = None,
+                 sock: DccpSocket | None = None) -> None:
+        from vstack.dccp.transport import family_of
+
+        self.loop = loop or asyncio.get_running_loop()
+        self.remote = remote
+        self.family = family_of(remote[0])
+        self.on_datagram = on_datagram
+        self.user_event = on_event
+        self._opened: asyncio.Future[None] = self.loop.create_future()
+        self._closed: asyncio.Future[Any] = self.loop.create_future()
+        self.events: list[Any] = []
+        self.sock = sock or open_socket(transport, self.family, bind=bind, fwmark=fwmark,
+                                        device=device)
+        local_ip = self.sock.source_for(remote[0])
+        if transport == "udp":
+            self.local_port = int(getattr(self.sock, "port", 0))
+        else:
+            self.local_port = random.randint(20000, 60999)
+        cfg = dc.DccpConfig(service_code=service_code, **(conn_options or {}))
+        self.conn = dc.DccpConnection.client(sport=self.local_port, dport=remote[1],
+                                             config=cfg)
+        self.ep = DccpEndpoint(self.conn, self.sock, local_ip, remote[0], self.loop,
+                               self._event, udp_port=remote[1] if transport == "udp" else 0)
+        self.sock.attach(self.loop, self._rx)
+
+    # -- lifecycle
+    def connect(self) -> None:
+        self.conn.connect(self.ep.now())
+        self.ep.pump()
+
+    async def wait_open(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(asyncio.shield(self._opened), timeout)
+
+    async def open(self, timeout: float = 10.0) -> DccpClient:
+        self.connect()
+        await self.wait_open(timeout)
+        return self
+
+    async def wait_closed(self, timeout: float = 10.0) -> Any:
+        return await asyncio.wait_for(asyncio.shield(self._closed), timeout)
+
+    def send(self, data: bytes) -> bool:
+        return self.ep.send(data)
+
+    def close(self) -> None:
+        self.ep.close()
+
+    def release(self) -> None:
+        """Abort without packets and free the socket; idempotent."""
+        self.ep.abort()
+        self.sock.close()
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self.conn.is_open) and not self.ep.closed
+
+    # -- plumbing
+    def _rx(self, dg: RxDatagram) -> None:
+        ports = _ports(dg.data)
+        if ports is None:
+            self.ep.stats.rx_malformed += 1
+            return
+        if ports != (self.remote[1], self.local_port) or dg.src != self.remote[0]:
+            return  # someone else's (raw sockets see every DCCP packet)
+        self.ep.feed(dg.data, dg.src, dg.dst)
+
+    def _event(self, ev: Any) -> None:
+        self.events.append(ev)
+        if isinstance(ev, dc.HandshakeComplete) and not self._opened.done():
+            self._opened.set_result(None)
+        elif isinstance(ev, dc.DatagramReceived) and self.on_datagram is not None:
+            self.on_datagram(ev.data)
+        if (_is_failure(ev) or isinstance(ev, dc.ConnectionClosed)) and not self._opened.done():
+            self._opened.set_exception(DccpConnectError(ev))
+            self._opened.exception()  # mark retrieved
+        if isinstance(ev, dc.ConnectionClosed) and not self._closed.done():
+            self._closed.set_result(ev)
+        if self.user_event is not None:
+            self.user_event(ev)
+
+
+class DccpConnectError(ConnectionError):
+    """The handshake failed: the peer reset (``event.code``) or timed out."""
+
+    def __init__(self, event: Any) -> None:
+        super().__init__(f"DCCP connection failed: {event}")
+        self.event = event
+
+
+# --------------------------------------------------------------------------- server
+class DccpServer:
+    """Listener on one DCCP port: many connections, demultiplexed by (address, port)."""
+
+    def __init__(self, sock: DccpSocket, port: int, service_code: int, echo: bool,
+                 counter: BinCounter | None, loop: asyncio.AbstractEventLoop,
+                 on_datagram: Callable[[tuple[str, int], bytes], None] | None = None,
+                 conn_options: dict[str, Any] | None = None) -> None:
+        self.sock = sock
+        self.port = port
+        self.service_code = service_code
+        self.echo = echo
+        self.counter = counter
+        self.loop = loop
+        self.on_datagram = on_datagram
+        self.conn_options = conn_options or {}
+        self.listener = dc.DccpListener(port, dc.DccpConfig(service_code=service_code,
+                                                            **self.conn_options))
+        self.connections: dict[tuple[str, int], DccpEndpoint] = {}
+        self.accepted = 0
+        self.closed_conns = 0
+        self.rx_malformed = 0
+        self.echo_fail = 0
+        self._closing = False
+
+    @classmethod
+    async def start(cls, port: int, family: int = socket.AF_INET, bind: str | None = None,
+                    transport: str = "raw", service_code: int = DEFAULT_SERVICE,
+                    echo: bool = False, counter: BinCounter | None = None,
+                    fwmark: int = 0, device: str | None = None,
+                    on_datagram: Callable[[tuple[str, int], bytes], None] | None = None,
+                    conn_options: dict[str, Any] | None = None) -> DccpServer:
+        loop = asyncio.get_running_loop()
+        sock = open_socket(transport, family, bind=bind, port=port, fwmark=fwmark,
+                           device=device)
+        srv = cls(sock, port, service_code, echo, counter, loop, on_datagram, conn_options)
+        sock.attach(loop, srv._rx)
+        return srv
+
+    def _rx(self, dg: RxDatagram) -> None:
+        ports = _ports(dg.data)
+        if ports is None:
+            self.rx_malformed += 1
+            return
+        sport, dport = ports
+        if dport != self.port:
+            return
+        key = (dg.src, sport)
+        ep = self.connections.get(key)
+        if ep is None:
+            if self._closing:
+                return
+            try:
+                pkt = decode(dg.data, dg.src, dg.dst)
+            except DccpParseError:
+                self.rx_malformed += 1
+                return
+            conn = self.listener.receive(pkt, self.loop.time())
+            for reply in self.listener.packets_to_send():  # stateless Resets
+                with contextlib.suppress(TransportError, ValueError):
+                    self.sock.sendto(encode(reply, dg.dst, dg.src), dg.src, dg.udp_port)
+            if conn is None:
+                return
+            ep = DccpEndpoint(conn, self.sock, dg.dst, dg.src, self.loop,
+                              self._callback(key), udp_port=dg.udp_port)
+            self.connections[key] = ep
+            ep.pump()  # the Response (or a Reset 8) accept() queued
+            return
+        ep.feed(dg.data, dg.src, dg.dst)
+
+    def _callback(self, key: tuple[str, int]) -> EventCallback:
+        return lambda ev: self._event(key, ev)
+
+    def _event(self, key: tuple[str, int], ev: Any) -> None:
+        if isinstance(ev, dc.HandshakeComplete):
+            self.accepted += 1
+        elif isinstance(ev, dc.DatagramReceived):
+            data = ev.data
+            if self.counter is not None:
+                self.counter.add(len(data))
+            if self.on_datagram is not None:
+                self.on_datagram(key, data)
+            if self.echo:
+                ep = self.connections.get(key)
+                if ep is None or not ep.send(data):
+                    self.echo_fail += 1
+        elif isinstance(ev, dc.ConnectionClosed):
+            ep = self.connections.pop(key, None)
+            if ep is not None:
+                ep.abort()
+                self.closed_conns += 1
+
+    def close(self) -> None:
+        """Close every connection (Close packets go out) and the socket."""
+        self._closing = True
+        for ep in list(self.connections.values()):
+            with contextlib.suppress(Exception):
+                ep.close()
+            ep.abort()
+        self.connections.clear()
+        self.sock.close()
