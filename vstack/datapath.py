@@ -169,19 +169,24 @@ class Datapath:
             try:
                 b0 = pkt[0]
                 if b0 == 0x45:
-                    if pkt[9] == UDP and not (pkt[6] & 0x3F or pkt[7]):
+                    # UDP, not a fragment, UDP length = packet length - 20 (>= 8)
+                    if (pkt[9] == UDP and not (pkt[6] & 0x3F or pkt[7])
+                            and (pkt[24] << 8 | pkt[25]) == len(pkt) - 20 >= 8):
                         f = fast4.get(pkt[12:24])
                         if f is not None:
                             f(memoryview(pkt)[28:])
                             fast += 1
                             continue
-                elif b0 >> 4 == 6 and pkt[6] == UDP:
+                elif (b0 >> 4 == 6 and pkt[6] == UDP
+                      and (pkt[44] << 8 | pkt[45]) == len(pkt) - 40 >= 8):
                     f = fast6.get(pkt[8:44])
                     if f is not None:
                         f(memoryview(pkt)[48:])
                         fast += 1
                         continue
                 self._slow(pkt)
+            except IndexError:  # shorter than the header the fast path looked at
+                self.malformed += 1
             except Exception as e:  # nothing from the TUN may crash the datapath
                 self._count_error(e)
         self.rx_packets += n

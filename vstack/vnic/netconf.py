@@ -42,6 +42,7 @@ log = logging.getLogger("vstack.vnic")
 RUN_DIR = Path(os.environ.get("VSTACK_RUN_DIR", "/run/vstack"))
 IFA_F_NODAD = 0x02
 MAIN_TABLE = 254
+TUN_TXQLEN = 4096
 
 
 class SetupError(RuntimeError):
@@ -277,9 +278,15 @@ class Vnic:
         _sysctl(f"net/ipv4/conf/{name}/accept_local", "1")
         if self.addr6:
             _sysctl(f"net/ipv6/conf/{name}/disable_ipv6", "0")
+            # no router solicitations / autoconf chatter from the TUN itself
+            _sysctl(f"net/ipv6/conf/{name}/accept_ra", "0")
+            _sysctl(f"net/ipv6/conf/{name}/router_solicitations", "0")
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=name)[0]
-            ipr.link("set", index=idx, mtu=cfg.mtu, state="up")
+            # a deeper TUN queue absorbs the moments vstack is not scheduled; once it is
+            # full, the app's socket buffer fills and the app blocks (backpressure) rather
+            # than the TUN dropping
+            ipr.link("set", index=idx, mtu=cfg.mtu, txqlen=TUN_TXQLEN, state="up")
             if cfg.address4:
                 i4 = ipaddress.ip_interface(cfg.address4)
                 ipr.addr("add", index=idx, address=str(i4.ip), prefixlen=i4.network.prefixlen)
