@@ -1,0 +1,99 @@
+"""The UDP-Lite stack (``"udplite"``, RFC 3828): the UDP stack on a kernel UDP-Lite socket,
+``socket(AF_INET[6], SOCK_DGRAM, IPPROTO_UDPLITE=136)``.
+
+UDP-Lite has UDP's header, except that the length field becomes *Checksum Coverage*: the
+number of bytes, counted from the first byte of the UDP-Lite header, that the checksum
+covers (RFC 3828 §3.1). 0 means the whole datagram; 8 covers only the header; 8 + N covers
+the header and the first N payload bytes; 1..7 are illegal. Damage beyond the coverage
+reaches the application instead of being dropped - the point of UDP-Lite for codecs that
+tolerate bit errors.
+
+Options (``ctx.options``, from config ``[stacks.udplite]`` or a decision):
+
+* ``send_cscov`` - the coverage of datagrams sent (``UDPLITE_SEND_CSCOV``, 10); default 0
+  (full coverage).
+* ``recv_cscov`` - the least coverage accepted on received datagrams
+  (``UDPLITE_RECV_CSCOV``, 11): the kernel drops datagrams covered less; default 0 (not
+  set: accept any coverage).
+* ``dscp``.
+
+Both coverages take 0 or 8..65535. Everything else - connected non-blocking socket,
+SO_MARK, SO_BINDTODEVICE, batch draining with ``add_reader``, drops on EAGAIN, ``retarget``
+in place, DSCP - is the UDP stack's code, inherited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Any
+
+from vstack.execution.stacks.base import register_stack
+from vstack.execution.stacks.tcp import configure_egress, option_error
+from vstack.execution.stacks.udp import BUF_SIZE, UdpStack
+
+IPPROTO_UDPLITE = getattr(socket, "IPPROTO_UDPLITE", 136)
+UDPLITE_SEND_CSCOV = getattr(socket, "UDPLITE_SEND_CSCOV", 10)
+UDPLITE_RECV_CSCOV = getattr(socket, "UDPLITE_RECV_CSCOV", 11)
+UDPLITE_OPTIONS = frozenset({"send_cscov", "recv_cscov", "dscp"})
+
+
+def cscov(stack: str, opts: dict[str, Any], key: str) -> int:
+    """A checksum coverage option: 0 (full) or 8..65535 (RFC 3828 §3.1)."""
+    v = opts.get(key, 0)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int) or not (v == 0 or 8 <= v <= 0xFFFF):
+        raise option_error(stack, key, v, "0 (full coverage) or 8..65535 (8 + covered "
+                                          "payload bytes)")
+    return v
+
+
+def set_cscov(s: socket.socket, send: int, recv: int) -> None:
+    if send:
+        s.setsockopt(IPPROTO_UDPLITE, UDPLITE_SEND_CSCOV, send)
+    if recv:
+        s.setsockopt(IPPROTO_UDPLITE, UDPLITE_RECV_CSCOV, recv)
+
+
+@register_stack
+class UdpLiteStack(UdpStack):
+    name = "udplite"
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        opts = dict(ctx.options or {})
+        unknown = sorted(set(opts) - UDPLITE_OPTIONS)
+        if unknown:
+            raise ValueError(f"stacks.udplite: unknown option(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(UDPLITE_OPTIONS))})")
+        self.send_cscov = cscov(self.name, opts, "send_cscov")
+        self.recv_cscov = cscov(self.name, opts, "recv_cscov")
+        dscp = opts.get("dscp")
+        if dscp is not None and (isinstance(dscp, bool) or not isinstance(dscp, int)
+                                 or not 0 <= dscp <= 63):
+            raise option_error(self.name, "dscp", dscp, "an integer 0..63")
+        self._dscp: int | None = dscp
+
+    def open(self) -> None:
+        """Like ``UdpStack.open``, on an IPPROTO_UDPLITE socket with the coverages set;
+        then the UDP stack's send/receive path takes over (the attributes it reads)."""
+        if self._sock is not None:
+            return
+        ctx = self.ctx
+        fam = socket.AF_INET if ctx.family == 4 else socket.AF_INET6
+        s = socket.socket(fam, socket.SOCK_DGRAM, IPPROTO_UDPLITE)
+        try:
+            configure_egress(s, ctx, self._dscp)
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, opt, BUF_SIZE)
+            set_cscov(s, self.send_cscov, self.recv_cscov)
+            s.connect(ctx.target)
+        except OSError:
+            s.close()
+            raise
+        self._sock = s
+        self._send = s.send
+        self._recv = s.recv
+        ctx.loop.add_reader(s.fileno(), self._readable)
