@@ -108,6 +108,9 @@ def test_cli_fit_writes_rules_that_pass_vstack_rules_check(tmp_path: Path,
     assert r2.exit_code == 0, r2.output
     cmp = json.loads(r2.stdout)["compare"]
     assert cmp["flows"] == 2000 and cmp["changed"] > 500
+    # shadow evaluation: by run 1's measured outcomes, the learned rules choose better stacks
+    assert cmp["utility"]["better"] == "new"
+    assert cmp["utility"]["new"] > cmp["utility"]["old"] + 1.0
 
 
 def test_too_few_flows_is_a_clear_error(tmp_path: Path) -> None:

@@ -126,6 +126,8 @@ def replay_cmd(
                                     help="Refuse an old schema instead of upgrading it."),
     show_problems: int = typer.Option(20, help="Print at most this many trace problems."),
     show_flows: int = typer.Option(30, help="--compare: list at most this many changed flows."),
+    lam: float = typer.Option(10.0, "--lambda", help="--compare: utility = goodput_mbps - "
+                              "λ·loss, estimated from the compared run's outcomes."),
 ) -> None:
     """Replay a trace through the classifier and the decision engine, deterministically."""
     import db
@@ -204,16 +206,24 @@ def replay_cmd(
         err.print(f"[yellow]... and {shown[0] - show_problems} more problems[/yellow]")
 
     comparison = None
+    shadow: dict[str, Any] | None = None
     if compare_run is not None:
+        from learning.data import Utility
+        from learning.shadow import shadow_utility
+
         try:
             engine = db.open_db(url, create=False, migrate=False)
             try:
                 old = choices_from_db(engine, compare_run)
+                new = choices_from_result(result)
+                comparison = compare(old, new, compare_run, run_id)
+                shadow = shadow_utility(engine, compare_run, result.flow_facts,
+                                        {f: c.stack for f, c in old.items()},
+                                        {f: c.stack for f, c in new.items()}, Utility(lam))
             finally:
                 engine.dispose()
         except (db.DatabaseError, LookupError) as e:
             raise _fail(err, str(e)) from None
-        comparison = compare(old, choices_from_result(result), compare_run, run_id)
 
     st = result.stats
     if as_json:
@@ -222,6 +232,7 @@ def replay_cmd(
                                "problems": [str(p) for p in result.problems]}
         if comparison is not None:
             doc["compare"] = comparison.as_dict()
+            doc["compare"]["utility"] = shadow
         typer.echo(json.dumps(doc, indent=2))
         return
     t = Table(title=f"replay of {os.path.basename(trace)} with {rules}")
@@ -252,4 +263,14 @@ def replay_cmd(
             out.print(f"... {len(comparison.changed) - show_flows} more changed flows")
         for k, n in comparison.transitions().items():
             out.print(f"  {k}: {n} flows")
+        if shadow is not None:
+            out.print(f"estimated utility ({shadow['utility']}, outcome models from run "
+                      f"{compare_run}: {shadow['model_flows']} flows per stack) over "
+                      f"{shadow['flows']} flows: run {compare_run} {shadow['old']}, this "
+                      f"replay {shadow['new']} -> "
+                      + {"new": "the replayed rules choose better stacks",
+                         "old": f"run {compare_run}'s choices were better",
+                         "same": "no difference"}[shadow["better"]])
+        else:
+            out.print(f"(run {compare_run} has too few measured outcomes to estimate utility)")
     sys.stdout.flush()
