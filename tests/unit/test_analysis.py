@@ -359,3 +359,21 @@ def test_udp_template_matches_builder() -> None:
         t = UDPTemplate(src, dst, 9000, 40000, dscp=4, ttl=60)
         for payload in (b"", b"a", b"hello world", bytes(1472), b"\xff" * 1473):
             assert t.build(payload) == build_udp(src, dst, 9000, 40000, payload, dscp=4, ttl=60)
+
+
+def test_fast_constructor_builds_equal_frozen_instances() -> None:
+    import dataclasses
+
+    from vstack.analysis.packet import fast_constructor
+
+    args = (4, "10.0.0.1", "10.0.0.2", 17, 0, 0, 64, 30, 20, UDPHeader(1, 2, 10, 0), 28, 2,
+            False, 0, False, 7, 0)
+    from vstack.analysis.packet import IPPacket
+
+    fast = fast_constructor(IPPacket)(*args)
+    assert fast == IPPacket(*args) and hash(fast) == hash(IPPacket(*args))
+    assert repr(fast) == repr(IPPacket(*args))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.ttl = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        fast_constructor(UDPHeader)(1, 2, 3)  # every field is required

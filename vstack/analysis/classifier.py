@@ -30,6 +30,7 @@ from vstack.analysis.packet import (
     IPPacket,
     ParseError,
     TCPHeader,
+    fast_constructor,
     parse,
     tcp_flags_str,
 )
@@ -134,8 +135,8 @@ def classify(buf: bytes | bytearray | memoryview,
     key, sp, dp = _key(p, direction)
     l4 = p.l4
     flags = tcp_flags_str(l4.flags) if isinstance(l4, TCPHeader) else ""
-    return Classification(key, p.proto, key.proto_name, p.version, flags, sp, dp, p.total_len,
-                          p.payload_len, p.dscp, p.fragment, direction, p)
+    return _new_cls(key, p.proto, key.proto_name, p.version, flags, sp, dp, p.total_len,
+                    p.payload_len, p.dscp, p.fragment, direction, p)
 
 
 def flow_key(buf: bytes | bytearray | memoryview,
@@ -156,6 +157,7 @@ def flow_new_event(cls: Classification, now: float, *, iface: str = "",
     return Event("flow.new", now, cls.fields(iface=iface, stack=stack), cls.key)
 
 
+_new_cls = fast_constructor(Classification)
 _PORTED = frozenset({UDP, TCP, UDPLITE})
 
 

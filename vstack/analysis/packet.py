@@ -36,11 +36,15 @@ Checksums (RFC 1071)
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = [
     "ICMP",
@@ -60,6 +64,7 @@ __all__ = [
     "build_tcp",
     "build_udp",
     "checksum_add",
+    "fast_constructor",
     "internet_checksum",
     "ip_family",
     "parse",
@@ -212,9 +217,39 @@ class IPPacket:
 
 # --------------------------------------------------------------------------- helpers
 
+def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
+    """A positional-only constructor for a frozen, slotted dataclass that stores the fields
+    through the slot descriptors, skipping the generated ``__init__`` (which goes through
+    ``object.__setattr__`` per field and is about twice as slow).  Every field must be given,
+    in declaration order; the instance is the same (frozen, equal, hashable) as ``cls(...)``.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    ns: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    body = []
+    for i, n in enumerate(names):
+        ns[f"_s{i}"] = getattr(cls, n).__set__
+        body.append(f"    _s{i}(o, a{i})\n")
+    src = (f"def make({', '.join(f'a{i}' for i in range(len(names)))}):\n"
+           "    o = _new(_cls)\n" + "".join(body) + "    return o\n")
+    exec(src, ns)  # generated from the dataclass's own field list only
+    make: Callable[..., _T] = ns["make"]
+    make.__name__ = f"new_{cls.__name__}"
+    return make
+
+
+_new_udp = fast_constructor(UDPHeader)
+_new_tcp = fast_constructor(TCPHeader)
+_new_icmp = fast_constructor(ICMPHeader)
+_new_ip = fast_constructor(IPPacket)
+
+
+_FLAG_STRS: Final = tuple("".join(c for i, c in enumerate(_TCP_FLAG_LETTERS) if f >> i & 1)
+                          for f in range(256))
+
+
 def tcp_flags_str(flags: int) -> str:
     """``0x12`` -> ``"SA"``: letters F S R P A U E C, lowest bit first."""
-    return "".join(c for i, c in enumerate(_TCP_FLAG_LETTERS) if flags >> i & 1)
+    return _FLAG_STRS[flags & 0xFF]
 
 
 def tcp_flags_value(flags: str | int) -> int:
@@ -356,7 +391,7 @@ def _parse_v4(buf: bytes | bytearray | memoryview, n: int) -> IPPacket:
         poff, plen = ihl, total - ihl
     else:
         l4, poff, plen = _parse_l4(buf, proto, ihl, total, fragment)
-    return IPPacket(4, src, dst, proto, tos >> 2, tos & 3, buf[8], total, ihl, l4, poff, plen,
+    return _new_ip(4, src, dst, proto, tos >> 2, tos & 3, buf[8], total, ihl, l4, poff, plen,
                     fragment, frag_off, mf, ident, 0)
 
 
@@ -420,7 +455,7 @@ def _parse_v6(buf: bytes | bytearray | memoryview, n: int) -> IPPacket:
         poff, plen = off, total - off
     else:
         l4, poff, plen = _parse_l4(buf, nh, off, total, fragment)
-    return IPPacket(6, src, dst, nh, ds, ecn, hop, total, off, l4, poff, plen, fragment,
+    return _new_ip(6, src, dst, nh, ds, ecn, hop, total, off, l4, poff, plen, fragment,
                     frag_off, mf, ident, flow_label)
 
 
@@ -433,7 +468,7 @@ def _parse_l4(buf: bytes | bytearray | memoryview, proto: int, off: int, total: 
                 return None, off, avail
             raise ParseError(f"UDP header truncated ({avail} < 8 bytes)")
         ulen = buf[off + 4] << 8 | buf[off + 5]
-        h = UDPHeader(buf[off] << 8 | buf[off + 1], buf[off + 2] << 8 | buf[off + 3], ulen,
+        h = _new_udp(buf[off] << 8 | buf[off + 1], buf[off + 2] << 8 | buf[off + 3], ulen,
                       buf[off + 6] << 8 | buf[off + 7])
         if proto == UDPLITE:
             # RFC 3828 s3.1: coverage 0 = whole datagram, else 8..length
@@ -461,7 +496,7 @@ def _parse_l4(buf: bytes | bytearray | memoryview, proto: int, off: int, total: 
             raise ParseError(f"TCP data offset {hl} > segment {avail}")
         sport, dport, seq, ack, _do, flags, win, ck, urg = struct.unpack_from(
             "!HHIIBBHHH", buf, off)
-        return TCPHeader(sport, dport, seq, ack, hl, flags, win, ck, urg), off + hl, avail - hl
+        return _new_tcp(sport, dport, seq, ack, hl, flags, win, ck, urg), off + hl, avail - hl
     if proto in (ICMP, ICMPV6):
         if avail < 8:
             if fragment:
@@ -471,10 +506,10 @@ def _parse_l4(buf: bytes | bytearray | memoryview, proto: int, off: int, total: 
         code = buf[off + 1]
         ck = buf[off + 2] << 8 | buf[off + 3]
         if t in _ECHO_TYPES[proto]:
-            ih = ICMPHeader(t, code, ck, buf[off + 4] << 8 | buf[off + 5],
+            ih = _new_icmp(t, code, ck, buf[off + 4] << 8 | buf[off + 5],
                             buf[off + 6] << 8 | buf[off + 7])
         else:
-            ih = ICMPHeader(t, code, ck)
+            ih = _new_icmp(t, code, ck, None, None)
         return ih, off + 8, avail - 8
     return None, off, avail
 
