@@ -7,6 +7,7 @@ in-flight packet (reordering), drop it, or duplicate it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,6 +56,10 @@ class Pair:
     flights: list[Flight] = field(default_factory=list)
     log: list[tuple[str, DccpPacket]] = field(default_factory=list)
     tap: Callable[[str, DccpPacket], DccpPacket | None] | None = None  # may rewrite/drop
+    # data payload -> copies put on the network / dropped by it; rejected by a receiver
+    wire_copies: Counter[bytes] = field(default_factory=Counter)
+    dropped_copies: Counter[bytes] = field(default_factory=Counter)
+    rejected: dict[str, set[bytes]] = field(default_factory=lambda: {"c": set(), "s": set()})
 
     def __post_init__(self) -> None:
         self.c = DccpConnection.client(sport=CPORT, dport=SPORT, config=self.client_cfg)
@@ -68,16 +73,20 @@ class Pair:
         src, dst = (SERVER_IP, CLIENT_IP) if to == "c" else (CLIENT_IP, SERVER_IP)
         return decode(encode(p, src, dst), src, dst)
 
+    def _put(self, to: str, p: DccpPacket) -> None:
+        self.log.append((to, p))
+        self.flights.append(Flight(to, p))
+        if p.payload:
+            self.wire_copies[p.payload] += 1
+
     def collect(self) -> int:
         n = 0
         for p in self.c.packets_to_send(self.now):
-            self.log.append(("s", p))
-            self.flights.append(Flight("s", p))
+            self._put("s", p)
             n += 1
         if self.s is not None:
             for p in self.s.packets_to_send(self.now):
-                self.log.append(("c", p))
-                self.flights.append(Flight("c", p))
+                self._put("c", p)
                 n += 1
         for p in self.listener.packets_to_send():
             self.flights.append(Flight("c", p))
@@ -114,14 +123,20 @@ class Pair:
         before = conn.stats.out_of_window + conn.stats.invalid
         conn.receive(pkt, self.now)
         rejected = conn.stats.out_of_window + conn.stats.invalid > before
-        if pkt.payload and pkt.type in (PacketType.DATA, PacketType.DATAACK) and not rejected:
-            self.arrived[name].add(pkt.payload)
+        if pkt.payload and pkt.type in (PacketType.DATA, PacketType.DATAACK):
+            (self.rejected if rejected else self.arrived)[name].add(pkt.payload)
 
     def drop(self, i: int = 0) -> Flight:
-        return self.flights.pop(i)
+        f = self.flights.pop(i)
+        if f.pkt.payload:
+            self.dropped_copies[f.pkt.payload] += 1
+        return f
 
     def duplicate(self, i: int = 0) -> None:
-        self.flights.append(self.flights[i])
+        f = self.flights[i]
+        self.flights.append(f)
+        if f.pkt.payload:
+            self.wire_copies[f.pkt.payload] += 1
 
     def deliver_all(self, limit: int = 10_000) -> None:
         self.collect()

@@ -589,6 +589,11 @@ class DccpConnection:
             )
         # §8.5 step 4: REQUEST accepts only Response/Reset acking our Request
         if st == State.REQUEST:
+            if pkt.type in (PT.SYNC, PT.SYNCACK):
+                # The server Syncs an overtaken, older Request of ours; answering with
+                # Reset(Packet Error) as step 4 says would kill a good handshake.
+                self.stats.out_of_window += 1
+                return
             if pkt.type not in (PT.RESPONSE, PT.RESET) or pkt.ack is None:
                 if pkt.type != PT.RESET:
                     self._out.append(reset_reply(pkt, ResetCode.PACKET_ERROR))
@@ -599,6 +604,16 @@ class DccpConnection:
                 self.stats.out_of_window += 1  # off-path or stale: ignored, no state change
                 return
             self.seq.set_isr(pkt.seq)
+        # A Request no newer than the one we answered was overtaken by a retransmission:
+        # drop it silently, as Linux does (dccp_check_req), rather than Sync (step 6).
+        if (
+            st == State.RESPOND
+            and pkt.type == PT.REQUEST
+            and self.seq.gsr is not None
+            and sq.le(pkt.seq, self.seq.gsr)
+        ):
+            self.stats.duplicates += 1
+            return
         # §8.5 step 5: Sync/SyncAck may move the window forward
         if pkt.type in (PT.SYNC, PT.SYNCACK):
             if not (
