@@ -24,7 +24,9 @@ class Literal:
 
     def __str__(self) -> str:
         if self.kind == "str":
-            return '"' + str(self.value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            esc = (str(self.value).replace("\\", "\\\\").replace('"', '\\"')
+                   .replace("\n", "\\n").replace("\t", "\\t"))
+            return '"' + esc + '"'
         if self.kind == "bool":
             return "true" if self.value else "false"
         if self.kind == "addrport":

@@ -211,7 +211,10 @@ class DurableBackend:
         """Facts left in the engine (0 unless a match was interrupted)."""
         if self._handle is None:
             return 0
-        return len(json.loads(_dre.get_facts(self._handle, None)))
+        try:
+            return len(json.loads(_dre.get_facts(self._handle, None)))
+        except _dre.error:  # no state yet: nothing was ever asserted
+            return 0
 
     def close(self) -> None:
         """Free the ruleset in the C engine (durable's Host cannot unregister it)."""
