@@ -1,0 +1,375 @@
+"""The paper's switching experiment (its Figure 1) on the netns testbed.
+
+An unmodified UDP application in the edge namespace sends datagrams at a fixed rate to a
+virtual destination. ``vstack run`` (a real daemon: TUN, routes, datapath) carries the flow
+to the UDP server or, through the DCCP stack, to the DCCP server, both in the server
+namespace (``vstack serve udp`` / ``vstack serve dccp``, sinks counting packets per 10 ms).
+Every ``period`` seconds the flow is switched between the two (the configuration's default
+stack, reloaded with SIGHUP: the datapath switches live flows between two packets). The
+first switch to DCCP builds the stack (the handshake); later ones reuse the cached stack.
+
+:func:`run_switch_scenario` runs it on an existing :class:`~vstack.testbed.Testbed` (what
+``vstack demo`` calls); :func:`analyse` turns the servers' CSVs and the switch times into
+the figures; :func:`plot` draws the Figure-1 style PNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN_S = 0.010
+
+APP = r"""
+import socket, sys, time
+dst, port, rate, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+size = int(sys.argv[5])
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+s.connect((dst, port))
+pad = b"x" * max(0, size - 8)
+print("app ready", flush=True)
+sent = 0
+t0 = time.monotonic()
+nxt = t0
+while True:
+    now = time.monotonic()
+    if now - t0 >= secs:
+        break
+    while nxt <= now:
+        try:
+            s.send(sent.to_bytes(8, "big") + pad)
+            sent += 1
+        except OSError:
+            pass
+        nxt += 1.0 / rate
+    time.sleep(max(0.0, min(nxt - time.monotonic(), 0.002)))
+print(f"app sent {sent} t0={t0:.6f} t1={time.monotonic():.6f}", flush=True)
+"""
+
+
+@dataclass(slots=True)
+class Switch:
+    t: float  # CLOCK_MONOTONIC seconds when the switch was requested
+    to: str  # "udp" or "dccp"
+    cached: bool
+
+
+@dataclass(slots=True)
+class SwitchRun:
+    sent: int = 0
+    t0: float = 0.0
+    t1: float = 0.0
+    switches: list[Switch] = field(default_factory=list)
+    udp_csv: str = ""
+    dccp_csv: str = ""
+    daemon_log: str = ""
+
+
+def _wait_line(p: subprocess.Popen[str], needle: str, timeout: float,
+               sink: list[str] | None = None) -> str:
+    """Read lines of ``p.stdout`` until one contains ``needle``."""
+    assert p.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            if p.poll() is not None:
+                break
+            continue
+        if sink is not None:
+            sink.append(line)
+        if needle in line:
+            return line
+    raise RuntimeError(f"no {needle!r} from {p.args!r} (rc={p.poll()}); "
+                       f"output: {''.join(sink or [])[-2000:]}")
+
+
+def _config(name: str, vdst: str, udp_target: str, dccp_target: str, stack: str,
+            transport: str) -> str:
+    return (f'[vnic]\nname = "{name}"\n'
+            f'[execution]\ndefault_stack = "{stack}"\nmetrics_interval_s = 1.0\n'
+            f'[nat."{vdst}"]\nudp = "{udp_target}"\ndccp = "{dccp_target}"\n'
+            f'[stacks.dccp]\ntransport = "{transport}"\n')
+
+
+def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
+                        period: float = 5.0, rate: float = 1000.0, size: int = 200,
+                        transport: str = "raw",
+                        echo: Callable[[str], None] | None = None) -> SwitchRun:
+    """Run the experiment on testbed ``tb`` (edge + server namespaces); CSVs go to
+    ``out_dir``. ``echo`` receives progress lines (the demo prints them)."""
+    say = echo or (lambda _m: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    l1 = tb.links[0]
+    vdst = f"{l1.server4}:9000"
+    udp_t, dccp_t = f"{l1.server4}:7000", f"{l1.server4}:7001"
+    run = SwitchRun(udp_csv=str(out / "udp.csv"), dccp_csv=str(out / "dccp.csv"))
+    py = sys.executable
+    lim = str(seconds + 30)
+    udp_srv = tb.popen(tb.server, [py, "-m", "vstack", "serve", "udp", "--port", "7000",
+                                   "--bind", l1.server4, "--csv", run.udp_csv,
+                                   "--seconds", lim],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dccp_args = [py, "-m", "vstack", "serve", "dccp", "--port", "7001", "--bind", l1.server4,
+                 "--csv", run.dccp_csv, "--seconds", lim]
+    if transport == "udp":
+        dccp_args.append("--udp-encap")
+    dccp_srv = tb.popen(tb.server, dccp_args, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+    procs = [udp_srv, dccp_srv]
+    daemon_lines: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "vstack.toml"
+        name = f"vb{secrets.token_hex(3)}"
+        stacks = ["udp", "dccp"]
+
+        def write_cfg(stack: str) -> None:
+            tmpf = cfg.with_suffix(".tmp")
+            tmpf.write_text(_config(name, vdst, udp_t, dccp_t, stack, transport))
+            os.replace(tmpf, cfg)
+
+        write_cfg("udp")
+        try:
+            _wait_line(udp_srv, "ready", 20)
+            _wait_line(dccp_srv, "ready", 20)
+            daemon = tb.popen(tb.edge, [py, "-m", "vstack", "run", "--config", str(cfg)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            procs.append(daemon)
+            _wait_line(daemon, "vstack ready", 30, daemon_lines)
+
+            def pump() -> None:
+                assert daemon.stdout is not None
+                for line in daemon.stdout:
+                    daemon_lines.append(line)
+
+            threading.Thread(target=pump, daemon=True).start()
+            say(f"switch: app -> {vdst} through vstack; udp -> {udp_t}, dccp -> {dccp_t} "
+                f"({transport}); switching every {period:g} s for {seconds:g} s at "
+                f"{rate:g} pkt/s")
+            app = tb.popen(tb.edge, [py, "-c", APP, l1.server4, "9000", str(rate),
+                                     str(seconds), str(size)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            procs.append(app)
+            _wait_line(app, "app ready", 20)
+            t_start = time.monotonic()
+            i = 0
+            seen: set[str] = set()
+            while app.poll() is None:
+                now = time.monotonic()
+                if now - t_start >= period * (i + 1) and now - t_start < seconds - 0.5:
+                    i += 1
+                    to = stacks[i % 2]
+                    write_cfg(to)
+                    run.switches.append(Switch(time.monotonic(), to, to in seen))
+                    os.kill(daemon.pid, signal.SIGHUP)
+                    seen.add(to)
+                    say(f"switch: t={now - t_start:5.1f}s -> {to}"
+                        f"{' (cached)' if to in ('udp',) or run.switches[-1].cached else ''}")
+                time.sleep(0.005)
+            assert app.stdout is not None
+            line = app.stdout.read()
+            for tok in line.split():
+                k, _, v = tok.partition("=")
+                if k == "t0":
+                    run.t0 = float(v)
+                elif k == "t1":
+                    run.t1 = float(v)
+            parts = line.split()
+            if "sent" in parts:
+                run.sent = int(parts[parts.index("sent") + 1])
+            time.sleep(1.0)  # let the tail of the flow arrive
+        finally:
+            for p in reversed(procs):
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in reversed(procs):
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            run.daemon_log = "".join(daemon_lines)
+    for p in (udp_srv, dccp_srv):
+        with contextlib.suppress(Exception):
+            assert p.stdout is not None
+            say(p.stdout.read().strip().splitlines()[-1])
+    return run
+
+
+# ------------------------------------------------------------------------------ analysis
+def _bins(path: str) -> dict[int, int]:
+    out: dict[int, int] = {}
+    with contextlib.suppress(FileNotFoundError), open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out[round(float(row["t_mono"]) / BIN_S)] = int(row["packets"])
+    return out
+
+
+@dataclass(slots=True)
+class SwitchFigures:
+    sent: int
+    received_udp: int
+    received_dccp: int
+    lost: int
+    switches: int
+    first_switch_gap_ms: float
+    cached_switch_gap_ms: float
+    switch_gaps_ms: list[float]
+    empty_bins: int
+    udp_pps: float
+    dccp_pps: float
+    dccp_udp_ratio: float
+    csv: str
+    png: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _gap_after(k_switch: int, new: dict[int, int], old: dict[int, int],
+               horizon: int = 200) -> float:
+    """Milliseconds of silence around a switch: from the last old-server bin with packets
+    (at or after the switch) to the first new-server bin with packets, minus one bin."""
+    last_old = k_switch - 1
+    for k in range(k_switch, k_switch + horizon):
+        if old.get(k, 0):
+            last_old = k
+    first_new = None
+    for k in range(k_switch - 1, k_switch + horizon):
+        if new.get(k, 0):
+            first_new = k
+            break
+    if first_new is None:
+        return float(horizon * BIN_S * 1000)
+    return max(0.0, (first_new - last_old - 1) * BIN_S * 1000)
+
+
+def analyse(run: SwitchRun, out_dir: str | Path) -> SwitchFigures:
+    udp, dccp = _bins(run.udp_csv), _bins(run.dccp_csv)
+    keys = sorted(set(udp) | set(dccp))
+    out = Path(out_dir)
+    combined = out / "switch.csv"
+    lo = min(keys) if keys else 0
+    hi = max(keys) if keys else -1
+    with open(combined, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["t_s", "udp", "dccp"])
+        for k in range(lo, hi + 1):
+            w.writerow([f"{(k - lo) * BIN_S:.2f}", udp.get(k, 0), dccp.get(k, 0)])
+    gaps: list[float] = []
+    for sw in run.switches:
+        k = int(sw.t / BIN_S)
+        new, old = (dccp, udp) if sw.to == "dccp" else (udp, dccp)
+        gaps.append(_gap_after(k, new, old))
+    first = gaps[0] if gaps else 0.0
+    cached = max(gaps[1:]) if len(gaps) > 1 else 0.0
+    # empty 10 ms bins while the app was sending (skip the first and last 100 ms)
+    k0, k1 = int(run.t0 / BIN_S) + 10, int(run.t1 / BIN_S) - 10
+    empty = sum(1 for k in range(k0, k1) if not udp.get(k, 0) and not dccp.get(k, 0))
+    # goodput per stack: packets per second at each server while it was the active one
+    # (each interval between switches, minus 300 ms after the switch for the handshake)
+    edges = [run.t0, *(s.t for s in run.switches), run.t1]
+    active = ["udp", *(s.to for s in run.switches)]
+    pk = {"udp": 0.0, "dccp": 0.0}
+    dur = {"udp": 0.0, "dccp": 0.0}
+    for j, stack in enumerate(active):
+        a, b = edges[j] + 0.3, edges[j + 1]
+        if b - a <= 0.5:
+            continue
+        src = udp if stack == "udp" else dccp
+        pk[stack] += sum(src.get(k, 0) for k in range(int(a / BIN_S), int(b / BIN_S)))
+        dur[stack] += (int(b / BIN_S) - int(a / BIN_S)) * BIN_S
+    udp_pps = pk["udp"] / dur["udp"] if dur["udp"] else 0.0
+    dccp_pps = pk["dccp"] / dur["dccp"] if dur["dccp"] else 0.0
+    ru, rd = sum(udp.values()), sum(dccp.values())
+    return SwitchFigures(
+        sent=run.sent, received_udp=ru, received_dccp=rd, lost=max(0, run.sent - ru - rd),
+        switches=len(run.switches), first_switch_gap_ms=first, cached_switch_gap_ms=cached,
+        switch_gaps_ms=gaps, empty_bins=empty, udp_pps=round(udp_pps, 1),
+        dccp_pps=round(dccp_pps, 1),
+        dccp_udp_ratio=round(dccp_pps / udp_pps, 3) if udp_pps else 0.0, csv=str(combined))
+
+
+def plot(figs: SwitchFigures, run: SwitchRun, png: str | Path) -> str:
+    """Packets per 10 ms at each server over time, switches marked (Figure 1's style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts, u, d = [], [], []
+    with open(figs.csv, newline="") as f:
+        for row in csv.DictReader(f):
+            ts.append(float(row["t_s"]))
+            u.append(int(row["udp"]))
+            d.append(int(row["dccp"]))
+    fig, ax = plt.subplots(figsize=(10, 3.6), dpi=120)
+    ax.plot(ts, u, lw=0.8, color="tab:blue", label="UDP server")
+    ax.plot(ts, d, lw=0.8, color="tab:red", label="DCCP server")
+    lo = None
+    with contextlib.suppress(Exception):
+        lo = min(k for k in (*_bins(run.udp_csv), *_bins(run.dccp_csv))) * BIN_S
+    if lo is not None:
+        for s in run.switches:
+            ax.axvline(s.t - lo, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("time [s]")
+    ax.set_ylabel("packets per 10 ms")
+    ax.set_title(f"UDP <-> DCCP switching every {_period(run):g} s: lost {figs.lost}, "
+                 f"first switch {figs.first_switch_gap_ms:.0f} ms, cached "
+                 f"{figs.cached_switch_gap_ms:.0f} ms, DCCP/UDP {figs.dccp_udp_ratio:.2f}",
+                 fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return str(png)
+
+
+def _period(run: SwitchRun) -> float:
+    if len(run.switches) >= 2:
+        return round(run.switches[1].t - run.switches[0].t, 1)
+    return 0.0
+
+
+def bench_switch(out_dir: str | Path, *, seconds: float = 30.0, period: float = 5.0,
+                 rate: float = 1000.0, size: int = 200, transport: str = "raw",
+                 echo: Callable[[str], None] | None = None) -> SwitchFigures:
+    """Build a testbed, run the scenario, analyse and plot. Needs root."""
+    from vstack.testbed import Testbed
+
+    with Testbed(prefix="vb") as tb:
+        run = run_switch_scenario(tb, out_dir, seconds=seconds, period=period, rate=rate,
+                                  size=size, transport=transport, echo=echo)
+    figs = analyse(run, out_dir)
+    figs.png = plot(figs, run, Path(out_dir) / "switch.png")
+    (Path(out_dir) / "daemon.log").write_text(run.daemon_log)
+    return figs
+
+
+def summary_lines(figs: SwitchFigures) -> Sequence[str]:
+    return [
+        f"sent {figs.sent}, received udp {figs.received_udp} + dccp {figs.received_dccp}, "
+        f"lost {figs.lost}",
+        f"switches {figs.switches}: gaps (ms) {', '.join(f'{g:.0f}' for g in figs.switch_gaps_ms)}",
+        f"first switch gap {figs.first_switch_gap_ms:.0f} ms, cached switch gap "
+        f"{figs.cached_switch_gap_ms:.0f} ms, empty 10 ms bins {figs.empty_bins}",
+        f"goodput udp {figs.udp_pps:.0f} pkt/s, dccp {figs.dccp_pps:.0f} pkt/s, "
+        f"dccp/udp {figs.dccp_udp_ratio:.3f}",
+        f"csv {figs.csv}  png {figs.png}",
+    ]
