@@ -10,7 +10,9 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-PROTO_NAMES: dict[int, str] = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 58: "icmp6", 136: "udplite"}
+PROTO_NAMES: dict[int, str] = {
+    1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 58: "icmp6", 136: "udplite",
+}
 PROTO_NUMBERS: dict[str, int] = {v: k for k, v in PROTO_NAMES.items()}
 
 _KEY_RE = re.compile(r"^(?P<proto>[a-z0-9]+):(?P<src>\[[^\]]+\]|[^:\[\]]+):(?P<sport>\d+)"
