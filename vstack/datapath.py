@@ -62,6 +62,8 @@ log = logging.getLogger("vstack.datapath")
 flowlog = logging.getLogger("vstack.flow")
 
 UDP = 17
+MAX_SEGMENTS = 64  # datagrams per UDP GSO send (the kernel allows 64 or more)
+GSO_BYTES = 65000  # payload bytes per UDP GSO send (one IP packet: < 64 KiB)
 _PORTED = (6, 17, 136)  # protocols whose wire key (classifier.wire_key) carries ports
 MetricsListener = Callable[[Event], None]
 
@@ -96,8 +98,8 @@ class Datapath:
         self.table: FlowTable[FlowKey, StackEngine] = FlowTable(
             idle_timeout=ex.idle_timeout_s, max_flows=ex.max_flows)
         self.metrics_listeners: list[MetricsListener] = []
-        self._fast4: dict[bytes, Callable[[memoryview], None]] = {}
-        self._fast6: dict[bytes, Callable[[memoryview], None]] = {}
+        self._fast4: dict[bytes, Callable[[list[memoryview]], None]] = {}
+        self._fast6: dict[bytes, Callable[[list[memoryview]], None]] = {}
         self._wire: dict[bytes, StackEngine] = {}
         self._fields: dict[FlowKey, dict[str, Any]] = {}
         self._batch = ex.batch
@@ -112,6 +114,7 @@ class Datapath:
         # datapath counters (see stats())
         self.rx_packets = 0
         self.fast_packets = 0
+        self.batched = 0  # batches of more than one datagram handed to a stack at once
         self.slow_packets = 0
         self.malformed = 0
         self.fragments = 0
@@ -154,9 +157,14 @@ class Datapath:
         size = self._read_size
         fast4 = self._fast4
         fast6 = self._fast6
-        n = 0
-        fast = 0
         batch = self._batch
+        n = fast = batched = 0
+        # consecutive fast-path datagrams of one flow and one size are handed to the stack
+        # together (UDP: one sendmsg with UDP_SEGMENT); anything else flushes them first,
+        # so the order within a flow is kept
+        pend: list[memoryview] = []
+        pend_f: Callable[[list[memoryview]], None] | None = None
+        pend_len = pend_max = 0
         while n < batch:
             try:
                 pkt = read(fd, size)
@@ -168,29 +176,53 @@ class Datapath:
             n += 1
             try:
                 b0 = pkt[0]
+                f = None
                 if b0 == 0x45:
                     # UDP, not a fragment, UDP length = packet length - 20 (>= 8)
                     if (pkt[9] == UDP and not (pkt[6] & 0x3F or pkt[7])
                             and (pkt[24] << 8 | pkt[25]) == len(pkt) - 20 >= 8):
                         f = fast4.get(pkt[12:24])
-                        if f is not None:
-                            f(memoryview(pkt)[28:])
-                            fast += 1
-                            continue
+                        off = 28
                 elif (b0 >> 4 == 6 and pkt[6] == UDP
                       and (pkt[44] << 8 | pkt[45]) == len(pkt) - 40 >= 8):
                     f = fast6.get(pkt[8:44])
-                    if f is not None:
-                        f(memoryview(pkt)[48:])
-                        fast += 1
+                    off = 48
+                if f is not None:
+                    fast += 1
+                    plen = len(pkt) - off
+                    if f is pend_f and plen == pend_len and len(pend) < pend_max:
+                        pend.append(memoryview(pkt)[off:])
                         continue
+                    if pend_f is not None:
+                        flush, pend_f = pend_f, None
+                        if len(pend) > 1:
+                            batched += 1
+                        flush(pend)
+                    pend = [memoryview(pkt)[off:]]
+                    pend_f = f
+                    pend_len = plen
+                    pend_max = min(MAX_SEGMENTS, GSO_BYTES // plen) if plen else 1
+                    continue
+                if pend_f is not None:
+                    flush, pend_f = pend_f, None
+                    if len(pend) > 1:
+                        batched += 1
+                    flush(pend)
                 self._slow(pkt)
             except IndexError:  # shorter than the header the fast path looked at
                 self.malformed += 1
             except Exception as e:  # nothing from the TUN may crash the datapath
                 self._count_error(e)
+        if pend_f is not None:
+            if len(pend) > 1:
+                batched += 1
+            try:
+                pend_f(pend)
+            except Exception as e:
+                self._count_error(e)
         self.rx_packets += n
         self.fast_packets += fast
+        self.batched += batched
 
     # ------------------------------------------------------------------ 3: slow path
     def _slow(self, pkt: bytes) -> None:
@@ -319,7 +351,7 @@ class Datapath:
         if e.packet_mode or e.dropping or e.active is None:
             table.pop(fk, None)
         else:
-            table[fk] = e.send
+            table[fk] = e.send_many
 
     def _unregister(self, key: FlowKey) -> None:
         self._fields.pop(key, None)
@@ -532,7 +564,7 @@ class Datapath:
         c = self.table.counters()
         return {
             "rx_packets": self.rx_packets, "fast_packets": self.fast_packets,
-            "slow_packets": self.slow_packets, "malformed": self.malformed,
+            "batched": self.batched, "slow_packets": self.slow_packets, "malformed": self.malformed,
             "fragments": self.fragments, "dropped": self.dropped, "errors": self.errors,
             "decide_errors": self.decide_errors, "flows": c.current,
             "flows_created": c.created, "flows_expired": c.expired,

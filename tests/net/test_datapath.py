@@ -54,11 +54,12 @@ CLIENT = r"""
 import json, socket, sys
 host, port, n, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 pause = int(sys.argv[5]) if len(sys.argv) > 5 else -1  # print "half" at n/2, wait for "go" at 3n/4
+fixed = int(sys.argv[6]) if len(sys.argv) > 6 else 0  # every datagram this size (0: varying)
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 dst = (host, port)
 maxlen = 1400 if fam == socket.AF_INET6 else 1472
 def payload(i):
-    size = 4 + (i * 37) % (maxlen - 4)
+    size = fixed or 4 + (i * 37) % (maxlen - 4)
     return i.to_bytes(4, "big") + bytes((i + k) & 0xFF for k in range(size - 4))
 s = socket.socket(fam, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -154,9 +155,10 @@ def bed(tmp_path_factory):
             d.stop()
 
 
-def _client(tb: Testbed, host: str, n: int, window: int = 64) -> dict[str, int]:
-    p = tb.run(tb.edge, [sys.executable, "-c", CLIENT, host, "9000", str(n), str(window)],
-               timeout=90)
+def _client(tb: Testbed, host: str, n: int, window: int = 64,
+            fixed: int = 0) -> dict[str, int]:
+    p = tb.run(tb.edge, [sys.executable, "-c", CLIENT, host, "9000", str(n), str(window), "0",
+                         str(fixed)], timeout=90)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -172,6 +174,27 @@ def test_udp_echo_10000_ipv6(bed) -> None:
     r = _client(tb, tb.links[0].server6, 10_000)
     assert r == {"sent": 10_000, "unique": 10_000, "dups": 0, "bad": 0, "wrong_src": 0}
     assert "created: stack=udp target=[fd01:1::2]:9000" in d.text()
+
+
+def _stat(d: Daemon, name: str) -> int:
+    import re
+
+    m = re.findall(rf"counters .*?{name}=(\d+)", d.text())
+    return int(m[-1]) if m else 0
+
+
+@pytest.mark.parametrize("which", ["server4", "server6"])
+def test_equal_size_datagrams_batched_keep_their_boundaries(bed, which: str) -> None:
+    # consecutive datagrams of one flow and one size leave as one UDP GSO send; the
+    # server must still see each datagram, whole and once
+    tb, d, _ = bed
+    before = _stat(d, "batched")
+    r = _client(tb, getattr(tb.links[0], which), 5000, window=128, fixed=1200)
+    assert r == {"sent": 5000, "unique": 5000, "dups": 0, "bad": 0, "wrong_src": 0}
+    deadline = time.monotonic() + 5
+    while _stat(d, "batched") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _stat(d, "batched") > before
 
 
 @pytest.mark.parametrize("which", ["server4", "server6"])
@@ -270,11 +293,9 @@ print(len(pkts))
 
 def test_malformed_packets_are_counted_and_dropped(bed) -> None:
     tb, d, _ = bed
-    import re
 
     def malformed() -> int:
-        m = re.findall(r"counters .*?malformed=(\d+)", d.text())
-        return int(m[-1]) if m else 0
+        return _stat(d, "malformed")
 
     before = malformed()
     p = tb.run(tb.edge, [sys.executable, "-c", INJECT, "vstk0", *(m.hex() for m in MALFORMED)])

@@ -66,6 +66,8 @@ class StackEngine:
         self.drops = 0  # packets dropped by a drop decision / no stack
         self.packet_mode = True  # the active stack takes whole packets (raw)
         self.send: Callable[[Any], None] = self._drop
+        # the fast path hands a batch of equal-size payloads of this flow at once
+        self.send_many: Callable[[list[memoryview]], None] = self._drop
         self.switches = 0
         self._closed_totals = [0, 0, 0, 0, 0]  # out pkts/bytes, in pkts/bytes, drops
         # activity snapshot for idle detection and metrics intervals (owned by the datapath)
@@ -134,6 +136,8 @@ class StackEngine:
             self.stack_name = name
             self.packet_mode = carries_packets(type(st))
             self.send = st.send
+            many = getattr(st, "send_many", None)
+            self.send_many = many if many is not None else _one_by_one(st.send)
         if rule is not None:
             self.rule = rule
         self.dropping = False
@@ -149,6 +153,7 @@ class StackEngine:
         self.dropping = True
         self.packet_mode = True
         self.send = self._drop
+        self.send_many = self._drop
 
     def _drop(self, _pkt: Any) -> None:
         self.drops += 1
@@ -198,6 +203,14 @@ class StackEngine:
         self.stacks.clear()
         self.active = None
         self.send = self._drop
+        self.send_many = self._drop
+
+
+def _one_by_one(send: Callable[[Any], None]) -> Callable[[list[memoryview]], None]:
+    def send_many(payloads: list[memoryview]) -> None:
+        for p in payloads:
+            send(p)
+    return send_many
 
 
 def _no_deliver(_payload: bytes) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import socket
+import sys
 
 from vstack.execution.stacks.base import Stack, StackError, register_stack
 
@@ -18,6 +20,10 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 RECV_BATCH = 256
 BUF_SIZE = 4 << 20
+SOL_UDP = 17
+UDP_SEGMENT = 103  # linux/udp.h: UDP GSO, the segment size as a u16 cmsg
+_GSO_FAILED = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
+log = logging.getLogger("vstack.stack.udp")
 
 
 @register_stack
@@ -49,6 +55,8 @@ class UdpStack(Stack):
             raise
         self._sock = s
         self._send = s.send
+        self._sendmsg = s.sendmsg
+        self.gso = True
         self._recv = s.recv
         ctx.loop.add_reader(s.fileno(), self._readable)
 
@@ -74,6 +82,37 @@ class UdpStack(Stack):
         m = self.metrics
         m.packets_out += 1
         m.bytes_out += len(payload)
+
+    def send_many(self, payloads: list[memoryview]) -> None:
+        """Send datagrams of equal size (the last may be shorter) with one ``sendmsg``
+        and a ``UDP_SEGMENT`` cmsg: the kernel cuts them apart again (UDP GSO), so the
+        receiver sees exactly these datagrams. Falls back to one ``send`` each where the
+        kernel or the route refuses GSO."""
+        n = len(payloads)
+        if n == 1 or not self.gso:
+            for p in payloads:
+                self.send(p)
+            return
+        size = len(payloads[0])
+        try:
+            self._sendmsg(payloads, [(SOL_UDP, UDP_SEGMENT,
+                                      size.to_bytes(2, sys.byteorder))])
+        except BlockingIOError:
+            self.metrics.drops += n
+            return
+        except OSError as e:
+            if e.errno in _GSO_FAILED:
+                self.gso = False
+                log.warning("UDP GSO refused towards %s (%s): sending datagrams one by one",
+                            self.ctx.target, e.strerror)
+                for p in payloads:
+                    self.send(p)
+                return
+            self._error(e)
+            return
+        m = self.metrics
+        m.packets_out += n
+        m.bytes_out += size * (n - 1) + len(payloads[-1])
 
     def _error(self, e: OSError) -> None:
         self.errors += 1
