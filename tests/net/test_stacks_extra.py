@@ -499,3 +499,83 @@ def test_mptcp_disabled_falls_back_with_a_clear_error() -> None:
     assert "net.mptcp.enabled = 0" in reason and "falling back to TCP" in reason
     assert remote is False
     assert "net.mptcp.enabled = 0" in r["refused"]
+
+
+# ------------------------------------------------------------------ root: through the VNIC
+UDP_CLIENT = textwrap.dedent("""
+    import json, socket, sys
+    host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    def payload(i):
+        return i.to_bytes(4, "big") + bytes((i + k) & 0xFF for k in range((i * 37) % 1196))
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    got, bad, wrong_src, sent = {}, 0, 0, 0
+    while len(got) < n:
+        while sent < n and sent - len(got) < 64:
+            s.sendto(payload(sent), (host, port))
+            sent += 1
+        try:
+            data, peer = s.recvfrom(65535)
+        except socket.timeout:
+            break
+        wrong_src += (peer[0], peer[1]) != (host, port)
+        seq = int.from_bytes(data[:4], "big")
+        if seq >= n or data != payload(seq):
+            bad += 1
+            continue
+        got[seq] = got.get(seq, 0) + 1
+    print(json.dumps({"sent": sent, "unique": len(got), "dups": sum(v - 1 for v in got.values()),
+                      "bad": bad, "wrong_src": wrong_src}), flush=True)
+""")
+
+FRAMED_ECHO = ("import asyncio; from vstack.servers import serve_framed; "
+               "asyncio.run(serve_framed(9100, echo=True, bind='::', "
+               "ready=lambda s: print('ready', flush=True)))")
+
+# ``vstack run`` with the TCP/MPTCP/UDP-Lite stacks registered (the daemon imports only
+# the stacks it knows; importing these modules is what registers them)
+DAEMON = ("import vstack.execution.stacks.tcp, vstack.execution.stacks.mptcp, "
+          "vstack.execution.stacks.udplite; from vstack.cli import main; main()")
+
+
+@pytest.mark.root
+@pytest.mark.timeout(180)
+def test_unmodified_udp_client_through_the_vnic_over_tcp(tmp_path: Path) -> None:
+    """An ordinary UDP client in the edge netns; vstack (``default_stack = "tcp"``) carries
+    its flow as framed TCP to the framed echo server in the server netns; the replies come
+    back to the client as UDP from the address it sent to."""
+    import signal
+    import time
+
+    from vstack.testbed import Testbed
+
+    cfg = tmp_path / "vstack.toml"
+    cfg.write_text('[vnic]\nname = "vstk0"\n[execution]\ndefault_stack = "tcp"\n'
+                   "metrics_interval_s = 0.2\n[stacks.tcp]\nprefix = 2\nreconnect = 0.2\n")
+    log = tmp_path / "vstack.log"
+    with Testbed(prefix="vx") as tb, log.open("wb") as logf:
+        echo = tb.popen(tb.server, [sys.executable, "-c", FRAMED_ECHO],
+                        stdout=subprocess.PIPE, text=True)
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+        d = tb.popen(tb.edge, [sys.executable, "-c", DAEMON, "run", "--config", str(cfg)],
+                     stdout=logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while "vstack ready" not in log.read_text():
+            assert d.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        try:
+            link = tb.links[0]
+            for host in (link.server4, link.server6):
+                p = tb.run(tb.edge, [sys.executable, "-c", UDP_CLIENT, host, "9100", str(N)],
+                           timeout=90)
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                assert r == {"sent": N, "unique": N, "dups": 0, "bad": 0, "wrong_src": 0}, (
+                    host, r, log.read_text()[-3000:])
+            text = log.read_text()
+            assert f"created: stack=tcp target={link.server4}:9100" in text
+            assert f"created: stack=tcp target=[{link.server6}]:9100" in text
+        finally:
+            d.send_signal(signal.SIGTERM)
+            rc = d.wait(15)
+        assert rc == 0, log.read_text()[-3000:]
