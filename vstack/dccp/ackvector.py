@@ -92,6 +92,7 @@ class AckVectorReceiver:
         # our packet seqno -> the Acknowledgement Number its Ack Vector started at
         self._records: OrderedDict[int, int] = OrderedDict()
         self.trimmed = 0  # how many times an ack-of-ack trimmed the state
+        self._trimmed_below: int | None = None  # state below this was reported and dropped
 
     # ---- receiving -------------------------------------------------------
     @property
@@ -117,7 +118,7 @@ class AckVectorReceiver:
         if not self._states:  # everything up to tail - 1 was trimmed by an ack of ack
             ahead = sq.dist(seqno, self._tail)
             if ahead < 0:
-                return False
+                return False  # at or below the trim point: already reported
             if ahead > self.max_packets:
                 self._tail = seqno
                 ahead = 0
@@ -136,7 +137,15 @@ class AckVectorReceiver:
             return True
         idx = sq.dist(seqno, self._tail)
         if idx < 0:
-            return False  # older than anything we still track
+            # reordered: older than the oldest we track.  Grow backwards unless the
+            # state there was already trimmed (ack of ack) or it exceeds the bound.
+            if self._trimmed_below is not None and sq.lt(seqno, self._trimmed_below):
+                return False
+            if len(self._states) - idx > self.max_packets:
+                return False
+            self._states[:0] = [state] + [CellState.NOT_RECEIVED] * (-idx - 1)
+            self._tail = seqno
+            return True
         if self._states[idx] != CellState.NOT_RECEIVED:
             return False
         self._states[idx] = state
@@ -156,6 +165,7 @@ class AckVectorReceiver:
         if extra > 0 and self._tail is not None:
             del self._states[:extra]
             self._tail = sq.add(self._tail, extra)
+            self._trimmed_below = self._tail
 
     # ---- generating ------------------------------------------------------
     def cells(self, max_cells: int = MAX_CELLS) -> list[Cell]:
@@ -202,6 +212,7 @@ class AckVectorReceiver:
         drop = sq.dist(ackno, self._tail) + 1
         if drop <= 0:
             return False
+        self._trimmed_below = sq.add(ackno, 1)
         if drop >= len(self._states):
             self._tail = sq.add(ackno, 1)
             self._states = []

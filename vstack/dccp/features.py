@@ -155,6 +155,10 @@ class FeatureNegotiator:
         self._pending_l: dict[int, _Pending] = {}  # our Change L awaiting Confirm R
         self._pending_r: dict[int, _Pending] = {}  # our Change R awaiting Confirm L
         self._confirms: list[ConfirmL | ConfirmR] = []  # owed, sent once on the next packet
+        # A non-mandatory Change unanswered after this many sendings is given up (the
+        # feature keeps its value).  Linux 6.1 ignores SP Changes once OPEN, for example.
+        self.max_change_sends = 16
+        self.abandoned: list[tuple[str, int]] = []
         self.confirms_sent = 0
         self.changes_received = 0
 
@@ -192,16 +196,16 @@ class FeatureNegotiator:
         out: list[Option] = list(self._confirms)
         self.confirms_sent += len(self._confirms)
         self._confirms.clear()
-        for feat, p in self._pending_l.items():
-            if p.mandatory:
-                out.append(Mandatory())
-            out.append(ChangeL(feat, p.values))
-            p.sent += 1
-        for feat, p in self._pending_r.items():
-            if p.mandatory:
-                out.append(Mandatory())
-            out.append(ChangeR(feat, p.values))
-            p.sent += 1
+        for where, table in (("L", self._pending_l), ("R", self._pending_r)):
+            for feat, p in list(table.items()):
+                if p.sent >= self.max_change_sends and not p.mandatory:
+                    del table[feat]
+                    self.abandoned.append((where, feat))
+                    continue
+                if p.mandatory:
+                    out.append(Mandatory())
+                out.append(ChangeL(feat, p.values) if where == "L" else ChangeR(feat, p.values))
+                p.sent += 1
         return out
 
     # ---- consuming options ----------------------------------------------------
