@@ -632,6 +632,9 @@ class DccpConnection:
             self._send_sync(now, gsr if pkt.type == PT.RESET and gsr is not None else pkt.seq)
             return
         self.seq.update_received(pkt.type, pkt.seq, pkt.ack)
+        # §8.5 step 8 "mark acknowledgeable", done here so the Ack Vector's head is
+        # always GSR (our Acknowledgement Number), even for packets step 7 rejects
+        self.ackvec.add(pkt.seq)
         # §8.5 step 7: unexpected packet types
         if (
             (self.is_server and pkt.type in (PT.CLOSEREQ, PT.RESPONSE))
@@ -650,8 +653,7 @@ class DccpConnection:
         if st == State.OPEN and self._osr is None:
             self._osr = pkt.seq
         self._rto_strikes = 0  # the peer is alive
-        # §8.5 step 8: options, acknowledgeability
-        self.ackvec.add(pkt.seq)
+        # §8.5 step 8: options
         if not self._process_options(pkt, now):
             return
         if pkt.ack is not None and st != State.REQUEST:
@@ -815,7 +817,11 @@ class DccpConnection:
     def _on_reset(self, pkt: DccpPacket, now: float) -> None:
         """§8.5 step 9: an in-window Reset: TIMEWAIT."""
         code = pkt.reset_code if pkt.reset_code is not None else 0
-        graceful = code == ResetCode.CLOSED and self.state in (State.CLOSING, State.CLOSEREQ)
+        # Closed ends our Close/CloseReq; so does No Connection in CLOSING (the peer
+        # tore down already and its Reset(Closed) was lost)
+        graceful = (code == ResetCode.CLOSED and self.state in (State.CLOSING, State.CLOSEREQ)) or (
+            code == ResetCode.NO_CONNECTION and self.state == State.CLOSING
+        )
         if not graceful:
             self._events.append(ResetReceived(code, bytes(pkt.reset_data)))
         self.state = State.TIMEWAIT
