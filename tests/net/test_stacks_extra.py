@@ -380,6 +380,11 @@ def test_bad_options_name_the_key() -> None:
         for cls, opts, needle in cases:
             with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
                 cls(ctx(**opts))
+            with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+                getattr(cls, "check_options")(opts)  # noqa: B009  (config-time check)
+        assert TcpStack.check_options({"prefix": 4})["buffer"] == 1 << 20
+        assert MptcpStack.check_options(None)["fallback"] is True
+        assert UdpLiteStack.check_options({"send_cscov": 12})["send_cscov"] == 12
         assert {"tcp", "mptcp", "udplite"} <= set(STACKS)
 
     run(main())

@@ -20,7 +20,8 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from vstack.execution.stacks.base import StackContext, StackError, register_stack
 from vstack.execution.stacks.tcp import TcpStack, option_error
@@ -62,12 +63,18 @@ class MptcpStack(TcpStack):
     ip_proto = IPPROTO_MPTCP
     OPTIONS: ClassVar[frozenset[str]] = TcpStack.OPTIONS | {"fallback"}
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        out = super().check_options(options)
+        fb = (options or {}).get("fallback", True)
+        if not isinstance(fb, bool):
+            raise option_error(cls.name, "fallback", fb, "true or false")
+        out["fallback"] = fb
+        return out
+
     def __init__(self, ctx: StackContext) -> None:
         super().__init__(ctx)
-        fb = (ctx.options or {}).get("fallback", True)
-        if not isinstance(fb, bool):
-            raise option_error(self.name, "fallback", fb, "true or false")
-        self.fallback = fb
+        self.fallback: bool = self.check_options(ctx.options)["fallback"]
         self.plain_tcp = False  # the kernel refused MPTCP: plain TCP sockets
         self.negotiated: bool | None = None  # MPTCP in use on the last connection
         self.subflows = 0

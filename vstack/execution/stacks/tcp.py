@@ -43,6 +43,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -138,6 +139,13 @@ def _num(stack: str, opts: dict[str, Any], key: str, default: float, lo: float,
     return v
 
 
+def check_dscp(stack: str, dscp: Any) -> int | None:
+    if dscp is not None and (isinstance(dscp, bool) or not isinstance(dscp, int)
+                             or not 0 <= dscp <= 63):
+        raise option_error(stack, "dscp", dscp, "an integer 0..63")
+    return dscp
+
+
 _REMOTE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
                             errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
                             errno.EPIPE, errno.EHOSTDOWN, errno.ENETDOWN})
@@ -157,40 +165,52 @@ class TcpStack(Stack):
         "prefix", "max_datagram", "buffer", "nodelay", "connect_timeout", "reconnect",
         "rtt_interval", "dscp"})
 
-    def __init__(self, ctx: StackContext) -> None:
-        super().__init__(ctx)
-        opts = dict(ctx.options or {})
-        unknown = sorted(set(opts) - self.OPTIONS)
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Validate options (config ``[stacks.<name>]``, a decision's) without building a
+        stack: ``ValueError`` naming the first bad key. Returns them, defaults filled in."""
+        opts = dict(options or {})
+        n = cls.name
+        unknown = sorted(set(opts) - cls.OPTIONS)
         if unknown:
-            raise ValueError(f"stacks.{self.name}: unknown option(s) {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(self.OPTIONS))})")
-        n = self.name
-        self.prefix: int = _num(n, opts, "prefix", 2, 2, integer=True)
-        self.max_datagram: int = _num(n, opts, "max_datagram", DEFAULT_MAX_LEN, 0,
-                                      integer=True)
+            raise ValueError(f"stacks.{n}: unknown option(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(cls.OPTIONS))})")
+        out: dict[str, Any] = {
+            "prefix": _num(n, opts, "prefix", 2, 2, integer=True),
+            "max_datagram": _num(n, opts, "max_datagram", DEFAULT_MAX_LEN, 0, integer=True),
+            "buffer": _num(n, opts, "buffer", 1 << 20, 0, integer=True),
+            "connect_timeout": _num(n, opts, "connect_timeout", 5.0, 0.001),
+            "reconnect": _num(n, opts, "reconnect", 1.0, 0),
+            "rtt_interval": _num(n, opts, "rtt_interval", 1.0, 0),
+        }
         try:
-            check_params(self.prefix, self.max_datagram)
+            check_params(out["prefix"], out["max_datagram"])
         except ValueError as e:
             raise ValueError(f"stacks.{n}.{e}") from None
-        self.buffer_max: int = _num(n, opts, "buffer", 1 << 20, 0, integer=True)
-        nodelay = opts.get("nodelay", True)
-        if not isinstance(nodelay, bool):
-            raise option_error(n, "nodelay", nodelay, "true or false")
-        self.nodelay = nodelay
-        self.connect_timeout: float = _num(n, opts, "connect_timeout", 5.0, 0.001)
-        self.reconnect: float = _num(n, opts, "reconnect", 1.0, 0)
-        self.rtt_interval: float = _num(n, opts, "rtt_interval", 1.0, 0)
-        dscp = opts.get("dscp")
-        if dscp is not None and (isinstance(dscp, bool) or not isinstance(dscp, int)
-                                 or not 0 <= dscp <= 63):
-            raise option_error(n, "dscp", dscp, "an integer 0..63")
-        self.dscp: int | None = dscp
+        out["nodelay"] = opts.get("nodelay", True)
+        if not isinstance(out["nodelay"], bool):
+            raise option_error(n, "nodelay", out["nodelay"], "true or false")
+        out["dscp"] = check_dscp(n, opts.get("dscp"))
+        return out
+
+    def __init__(self, ctx: StackContext) -> None:
+        super().__init__(ctx)
+        o = self.check_options(ctx.options)
+        self.prefix: int = o["prefix"]
+        self.max_datagram: int = o["max_datagram"]
+        self.buffer_max: int = o["buffer"]
+        self.nodelay: bool = o["nodelay"]
+        self.connect_timeout: float = o["connect_timeout"]
+        self.reconnect: float = o["reconnect"]
+        self.rtt_interval: float = o["rtt_interval"]
+        self.dscp: int | None = o["dscp"]
         self._hdr = struct.Struct(">H" if self.prefix == 2 else ">I").pack
 
         self.state = CLOSED
         self._sock: socket.socket | None = None
         self._fd = -1
         self._wbuf = bytearray()
+        self._rview = memoryview(bytearray(RECV_SIZE))  # recv_into target, reused
         self._head = 0  # bytes at the start of _wbuf that finish a frame already begun
         self._writing = False  # add_writer installed for flushing
         self._flush_pending = False
@@ -402,19 +422,20 @@ class TcpStack(Stack):
         s = self._sock
         if s is None:
             return
-        recv = s.recv
+        recv_into = s.recv_into
+        view = self._rview
         deliver = self.ctx.deliver
         m = self.metrics
         feed = self._decoder.feed
         for _ in range(RECV_BATCH):
             try:
-                data = recv(RECV_SIZE)
+                n = recv_into(view)
             except BlockingIOError:
                 return
             except OSError as e:
                 self._failed(f"recv: {e.strerror}", remote=e.errno in _REMOTE_ERRNOS)
                 return
-            if not data:
+            if not n:
                 try:
                     self._decoder.eof()
                     reason = "connection closed by the peer"
@@ -423,7 +444,7 @@ class TcpStack(Stack):
                 self._failed(reason, remote=True)
                 return
             try:
-                for d in feed(data):
+                for d in feed(view[:n]):
                     m.packets_in += 1
                     m.bytes_in += len(d)
                     deliver(d)
@@ -433,7 +454,7 @@ class TcpStack(Stack):
                 return
             if self._sock is not s:  # deliver() closed or retargeted us
                 return
-            if len(data) < RECV_SIZE:
+            if n < RECV_SIZE:
                 return
 
     # ------------------------------------------------------------------ RTT

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from vstack.execution.stacks.base import register_stack
-from vstack.execution.stacks.tcp import configure_egress, option_error
+from vstack.execution.stacks.tcp import check_dscp, configure_egress, option_error
 from vstack.execution.stacks.udp import BUF_SIZE, UdpStack
 
 IPPROTO_UDPLITE = getattr(socket, "IPPROTO_UDPLITE", 136)
@@ -60,20 +61,24 @@ def set_cscov(s: socket.socket, send: int, recv: int) -> None:
 class UdpLiteStack(UdpStack):
     name = "udplite"
 
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        opts = dict(ctx.options or {})
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Validate options without building a stack (``ValueError`` naming the key)."""
+        opts = dict(options or {})
         unknown = sorted(set(opts) - UDPLITE_OPTIONS)
         if unknown:
             raise ValueError(f"stacks.udplite: unknown option(s) {', '.join(unknown)} "
                              f"(known: {', '.join(sorted(UDPLITE_OPTIONS))})")
-        self.send_cscov = cscov(self.name, opts, "send_cscov")
-        self.recv_cscov = cscov(self.name, opts, "recv_cscov")
-        dscp = opts.get("dscp")
-        if dscp is not None and (isinstance(dscp, bool) or not isinstance(dscp, int)
-                                 or not 0 <= dscp <= 63):
-            raise option_error(self.name, "dscp", dscp, "an integer 0..63")
-        self._dscp: int | None = dscp
+        return {"send_cscov": cscov(cls.name, opts, "send_cscov"),
+                "recv_cscov": cscov(cls.name, opts, "recv_cscov"),
+                "dscp": check_dscp(cls.name, opts.get("dscp"))}
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        o = self.check_options(ctx.options)
+        self.send_cscov: int = o["send_cscov"]
+        self.recv_cscov: int = o["recv_cscov"]
+        self._dscp: int | None = o["dscp"]
 
     def open(self) -> None:
         """Like ``UdpStack.open``, on an IPPROTO_UDPLITE socket with the coverages set;
