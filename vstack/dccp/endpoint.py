@@ -65,6 +65,7 @@ class DccpEndpoint:
         self.stats = EndpointStats()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._pump_scheduled = False
         self.closed = False
 
     # ------------------------------------------------------------------ inputs
@@ -87,14 +88,16 @@ class DccpEndpoint:
         if self.closed:
             return
         self.conn.receive(pkt, self.now())
-        self.pump()
+        self.schedule()
 
     def send(self, data: bytes) -> bool:
-        """Queue one datagram; False when the connection refused it (queue full / closed)."""
+        """Queue one datagram; False when the connection refused it (queue full / closed).
+        What the connection sends goes out once the current callback (a TUN or socket
+        batch) is done: one pump per batch, not per datagram."""
         if self.closed:
             return False
         ok = bool(self.conn.send(data, self.now()))
-        self.pump()
+        self.schedule()
         return ok
 
     def close(self) -> None:
@@ -103,6 +106,17 @@ class DccpEndpoint:
             return
         self.conn.close(self.now())
         self.pump()
+
+    def schedule(self) -> None:
+        """Pump soon (after the batch being processed), once."""
+        if not self._pump_scheduled and not self.closed:
+            self._pump_scheduled = True
+            self.loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        if not self.closed:
+            self.pump()
 
     def abort(self) -> None:
         """Stop driving the connection at once (no packets), cancel the timer."""
@@ -141,13 +155,11 @@ class DccpEndpoint:
                 self.on_event(ev)
         if self.closed:
             return
+        # A timer that fires early is harmless (handle_timer checks its deadlines and we
+        # re-arm), so only an *earlier* deadline replaces the armed one: no heap churn
+        # when CCID2 pushes its RTO forward on every packet.
         t = self.conn.next_timer()
-        if t is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-                self._timer_at = None
-        elif t != self._timer_at:
+        if t is not None and (self._timer_at is None or t < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = t
