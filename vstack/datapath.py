@@ -461,7 +461,7 @@ class Datapath:
         """Switch ``flow`` to ``stack`` between two packets. Raises FlowNotFound or
         EngineError (unknown stack, or one that cannot carry the flow / failed to open)."""
         e = self._engine(flow)
-        old = e.stack_name or "drop"
+        old = "drop" if e.dropping else e.stack_name or "drop"
         e.activate(stack, options, rule)
         self._register(e)
         self._log_decision(flow, Decision(stack=stack, rule=rule, options=options or {}))
@@ -524,7 +524,8 @@ class Datapath:
         out = []
         for key, e in self.table.items():
             po, bo, pi, bi, _ = e.totals()
-            out.append(FlowInfo(key, e.stack_name or "drop", e.interface or "",
+            out.append(FlowInfo(key, "drop" if e.dropping else e.stack_name or "drop",
+                                e.interface or "",
                                 _fmt_target(e.target), po, pi, bo, bi, e.rule, e.created,
                                 self.table.last_seen(key)))
         return out

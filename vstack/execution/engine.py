@@ -129,8 +129,8 @@ class StackEngine:
                  rule: str | None = None) -> Stack:
         """Make ``name`` the active stack (built and cached on first use)."""
         st = self._get_stack(name, options)
-        if st is not self.active:
-            if self.active is not None:
+        if st is not self.active or self.dropping:
+            if self.active is not None and st is not self.active:
                 self.switches += 1
             self.active = st
             self.stack_name = name
