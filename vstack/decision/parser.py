@@ -38,8 +38,10 @@ _TERMINAL_NAMES = {
 }
 
 
-KEYWORDS = frozenset({"rule", "param", "set", "priority", "on", "if", "for", "then", "at", "most",
-                      "once", "per", "and", "or", "not", "in", "true", "false"})
+# Words that cannot be names ("at", "most", "once", "per" only mean something after the
+# actions, so they stay usable as names).
+KEYWORDS = frozenset({"rule", "param", "set", "priority", "on", "if", "for", "then", "and", "or",
+                      "not", "in", "true", "false"})
 
 
 class RulesSyntaxError(ValueError):

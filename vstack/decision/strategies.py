@@ -7,7 +7,7 @@ every rule set they generate passes ``vstack rules check`` without errors.
 from __future__ import annotations
 
 import ipaddress
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from hypothesis import strategies as st
@@ -55,7 +55,7 @@ OPS_ALL = ["==", "!=", "<", "<=", ">", ">="]
 OPS_EQ = ["==", "!="]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _leaf(event: str) -> st.SearchStrategy[A.Cond]:
     nf = [A.Name(n) for n in NUM_FIELDS[event]]
     sf = [A.Name(n) for n in STR_FIELDS[event]]
@@ -91,7 +91,7 @@ def _leaf(event: str) -> st.SearchStrategy[A.Cond]:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def conditions(event: str) -> st.SearchStrategy[A.Cond]:
     return st.recursive(
         _leaf(event),
