@@ -155,3 +155,19 @@ def test_trace_recorder_format(tmp_path: Path) -> None:
                         "flow": str(_key(1)), "fields": {"loss": 0.5}}
     with pytest.raises(ValueError, match="direction"):
         TraceRecorder(tmp_path / "u.jsonl").packet(pkt, 1.0, "sideways")
+
+
+def test_a_record_the_database_refuses_is_dropped_alone(tmp_path: Path) -> None:
+    path = tmp_path / "bad.sqlite"
+    w = LogWriter(str(path), None)
+    k = _key(1)
+    w.decision(k, Decision(stack="udp"), 1.0)
+    w.decision(k, Decision(stack="tcp", target=("10.0.0.1",)), 2.0)  # type: ignore[arg-type]
+    w.decision(k, Decision(stack="dccp"), 3.0)
+    w.close()
+    assert (w.written, w.rejected, w.dropped, w.lost) == (2, 1, 0, 0)
+    assert "record refused" in (w.stats()["last_error"] or "")
+    con = sqlite3.connect(path)
+    assert [r[0] for r in con.execute("SELECT stack FROM decisions ORDER BY time")] == \
+        ["udp", "dccp"]
+    con.close()

@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import Engine, Table, bindparam, insert, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import (
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 import db as dbmod
 from db.models import DecisionRow, EventRow, Flow, Outcome, Run
@@ -144,6 +150,17 @@ def create_run(engine: Engine, info: RunInfo) -> int:
             f"{getattr(e, 'orig', None) or e}") from None
 
 
+def _unavailable(e: BaseException) -> bool:
+    """Is this the database being unavailable (retry later) rather than a bad record?"""
+    return isinstance(e, OperationalError | InterfaceError | DisconnectionError | PoolTimeout
+                      | OSError) or bool(getattr(e, "connection_invalidated", False))
+
+
+def _msg(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 # Queue record kinds (first element of the tuple).
 _EVENT, _DECISION, _OUTCOME, _FLOW = 0, 1, 2, 3
 
@@ -185,6 +202,7 @@ class LogWriter:
         self.written = 0
         self.errors = 0
         self.lost = 0  # still queued at close() while the database was down
+        self.rejected = 0  # records the database refused (bad data), dropped
         self.last_error: str | None = None
         self.db_up = True
         self._closed = False
@@ -233,6 +251,7 @@ class LogWriter:
             "written": self.written,
             "dropped": self.dropped,
             "lost": self.lost,
+            "rejected": self.rejected,
             "errors": self.errors,
             "db_up": self.db_up,
             "last_error": self.last_error,
@@ -277,30 +296,52 @@ class LogWriter:
         backoff = 0.0
         while True:
             if not self._pending:
-                self._wake.wait(self._flush_interval)
-                self._wake.clear()
+                if len(self._q) < self.batch and not self._stop:
+                    self._wake.wait(self._flush_interval)
+                    self._wake.clear()
                 n = min(len(self._q), self.batch)
                 self._pending = [self._q.popleft() for _ in range(n)]
-            if self._stop and not self._pending:
-                return
             if not self._pending:
+                if self._stop:
+                    return
                 continue
             try:
-                self._write(self._pending)
-            except SQLAlchemyError as e:
+                try:
+                    self._write(self._pending)
+                    self.written += len(self._pending)
+                    self._pending = []
+                except Exception as e:
+                    if _unavailable(e):
+                        raise
+                    self._write_each()  # a bad record: find it, write the others
+            except Exception as e:  # the database is down, locked or unreachable
                 self.errors += 1
                 self.db_up = False
-                self.last_error = str(getattr(e, "orig", None) or e).splitlines()[0]
+                self.last_error = _msg(e)
                 backoff = min(max(backoff * 2, 0.05), self._retry_max)
                 if self._stop:
                     return
                 self._wake.wait(backoff)
                 self._wake.clear()
                 continue
-            self.written += len(self._pending)
-            self._pending = []
             self.db_up = True
             backoff = 0.0
+
+    def _write_each(self) -> None:
+        """Write the pending records one at a time; drop (and count) those the database
+        refuses. Raises if the database becomes unavailable (the rest stay pending)."""
+        while self._pending:
+            item = self._pending[0]
+            try:
+                self._write([item])
+                self.written += 1
+            except Exception as e:
+                if _unavailable(e):
+                    raise
+                self.rejected += 1
+                self.errors += 1
+                self.last_error = f"record refused: {_msg(e)}"
+            self._pending.pop(0)
 
     def _write(self, items: list[tuple[Any, ...]]) -> None:
         run = self.run_id
