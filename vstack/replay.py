@@ -44,7 +44,6 @@ from vstack.analysis.classifier import (
     ParseError,
     classify,
     flow_new_event,
-    reverse,
 )
 from vstack.analysis.flowkey import FlowKey
 from vstack.decision.events import Event
@@ -695,8 +694,13 @@ class Replayer:
         key = cls.key
         flow = self.flows.get(key)
         if flow is None and item.direction is None:
-            back = self.flows.get(reverse(key))
-            if back is not None and key.proto not in (1, 58):
+            # a pcap has no direction: a packet of a known flow seen from the network side
+            # (reversed 5-tuple; for ICMP echo, the same identifier) is a reply
+            try:
+                back = self.flows.get(classify(item.data, Direction.NET_TO_APP).key)
+            except ParseError:  # pragma: no cover - parsed fine just above
+                back = None
+            if back is not None:
                 st.packets_in += 1
                 back.packets_in += 1
                 back.bytes_in += len(item.data)

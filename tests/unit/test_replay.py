@@ -54,6 +54,8 @@ def _packets() -> list[tuple[float, bytes]]:
     out.append((t + 0.1, build_tcp("10.0.0.1", "10.201.1.3", 40000, 443, flags="S")))
     out.append((t + 0.2, build_tcp("10.201.1.3", "10.0.0.1", 443, 40000, flags="SA")))
     out.append((t + 0.3, build_icmp_echo("10.0.0.1", "10.201.1.4", 77, 1, b"ping")))
+    out.append((t + 0.35, build_icmp_echo("10.201.1.4", "10.0.0.1", 77, 1, b"ping",
+                                          reply=True)))
     out.append((t + 0.4, build_icmp_echo("10.0.0.1", "10.201.1.4", 77, 2, b"ping")))
     out.append((t + 5.0, build_udp("10.0.0.9", "10.201.1.2", 6000, 9000, b"late")))
     return out
@@ -115,7 +117,7 @@ def test_same_trace_same_rules_identical_decisions(tmp_path: Path, ruleset) -> N
     sums = [[d.summary() for d in r.decisions] for r in runs]
     assert sums[0] == sums[1] == sums[2]
     assert runs[0].stats.flows == N_FLOWS
-    assert runs[0].stats.packets_in == 9  # 8 UDP replies + the SYN-ACK (ICMP echoes are app->net)
+    assert runs[0].stats.packets_in == 10  # 8 UDP replies, the SYN-ACK, the echo reply
     # the decisions themselves: big UDP flows -> tcp, small -> udp, TCP -> tcp
     res = _run(p, ruleset, backend="reference")[0]
     first = res.first_decisions()
