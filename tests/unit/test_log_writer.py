@@ -171,3 +171,22 @@ def test_a_record_the_database_refuses_is_dropped_alone(tmp_path: Path) -> None:
     assert [r[0] for r in con.execute("SELECT stack FROM decisions ORDER BY time")] == \
         ["udp", "dccp"]
     con.close()
+
+
+def test_same_object_from_datapath_and_engine_logged_once(tmp_path: Path) -> None:
+    """The datapath logs the flow.new event and the decision the engine also logs."""
+    from vstack.decision.engine import DecisionEngine
+    from vstack.decision.parser import parse_rules
+
+    path = tmp_path / "dup.sqlite"
+    w = LogWriter(str(path), None)
+    eng = DecisionEngine(parse_rules("rule r: on flow.new then use_stack(udp)\n"), None, w,
+                         backend="reference")
+    k = _key(3)
+    for i in range(2):
+        ev = Event("flow.new", float(i), {"dport": 9000}, k)
+        w.event(ev)  # datapath
+        d = eng.decide(ev, float(i))  # engine: logs ev and d
+        w.decision(k, d, float(i))  # datapath again
+    w.close()
+    assert _count(path, "events") == 2 and _count(path, "decisions") == 2

@@ -206,6 +206,8 @@ class LogWriter:
         self.last_error: str | None = None
         self.db_up = True
         self._closed = False
+        self._last_event: Event | None = None
+        self._last_decision: Decision | None = None
         self._thread = threading.Thread(target=self._run, name="vstack-log-writer", daemon=True)
         self._thread.start()
 
@@ -225,10 +227,19 @@ class LogWriter:
         if len(self._q) >= self.batch:
             self._wake.set()
 
+    # The datapath and the engine may both hand the same object to the sink (the datapath
+    # logs the flow.new event and the Decision that engine.decide, which logs them too,
+    # took and returned): the same object twice in a row is logged once.
     def event(self, event: Event) -> None:
+        if event is self._last_event:
+            return
+        self._last_event = event
         self._put((_EVENT, event))
 
     def decision(self, flow: FlowKey | None, decision: Decision, now: float) -> None:
+        if decision is self._last_decision:
+            return
+        self._last_decision = decision
         self._put((_DECISION, flow, decision, now))
 
     def outcome(self, flow: FlowKey, stack: str, now: float, metrics: Mapping[str, Any]) -> None:
