@@ -10,6 +10,8 @@
       │          fd01:2::1/64        │            │          fd01:2::2   │
       └──────────────────────────────┘            └──────────────────────┘
 
+The edge namespace's default routes (IPv4 and IPv6) point at the server over link 1.
+
 Names carry a random suffix (other test runs build their own testbeds at the same time);
 every namespace, veth and process the testbed starts is removed by ``close()``, which the
 context manager, an ``atexit`` hook and SIGTERM all reach.
@@ -21,6 +23,7 @@ import atexit
 import contextlib
 import os
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -99,6 +102,11 @@ class Testbed:
                         n.addr("add", index=idx, address=a4, prefixlen=24)
                         n.addr("add", index=idx, address=a6, prefixlen=64, flags=0x02)
                         n.link("set", index=idx, state="up")
+                    if side == "edge":
+                        # the first link is the edge host's default route ("the internet")
+                        ln = self.links[0]
+                        n.route("add", dst="0.0.0.0/0", gateway=ln.server4)
+                        n.route("add", dst="::/0", gateway=ln.server6, family=socket.AF_INET6)
         except Exception as e:
             self.close()
             raise TestbedError(f"building the testbed: {e}") from e

@@ -235,6 +235,43 @@ def test_http_get_through_raw_stack(bed, which: str, tmp_path) -> None:
         srv.wait(5)
 
 
+def test_raw_stack_nat_maps_a_virtual_destination(bed, tmp_path) -> None:
+    # [nat] entries for the raw stack become nftables DNAT rules (reloaded on SIGHUP)
+    tb, d, _ = bed
+    l2 = tb.links[1]
+    (tmp_path / "v.txt").write_text("virtual\n")
+    srv = tb.popen(tb.server, [sys.executable, "-m", "http.server", "8082", "--bind",
+                               l2.server4, "--directory", str(tmp_path)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    before = d.text().count("configuration reloaded")
+    d.cfg.write_text(_config(nat=f'[nat."10.201.9.9:8082"]\nraw = "{l2.server4}:8082"\n'
+                                 f'[nat."10.201.9.8"]\nraw = "{l2.server4}"\n'))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_log("configuration reloaded", count=before)
+    try:
+        code = ("import urllib.request, time, sys\n"
+                "for i in range(50):\n"
+                "    try:\n"
+                "        body = urllib.request.urlopen('http://10.201.9.9:8082/v.txt',"
+                " timeout=5).read(); break\n"
+                "    except (ConnectionRefusedError, urllib.error.URLError):\n"
+                "        time.sleep(0.1)\n"
+                "sys.stdout.write(body.decode())\n")
+        p = tb.run(tb.edge, [sys.executable, "-c", code], timeout=60)
+        assert p.stdout == "virtual\n"
+        p = tb.run(tb.edge, ["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.201.9.8"],
+                   check=False)
+        assert " 0% packet loss" in p.stdout and "from 10.201.9.8" in p.stdout, p.stdout
+    finally:
+        srv.terminate()
+        srv.wait(5)
+        before = d.text().count("configuration reloaded")
+        d.cfg.write_text(_config())
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_log("configuration reloaded", count=before)
+
+
 def test_live_switch_between_two_targets_loses_nothing(bed) -> None:
     tb, d, _ = bed
     l1, l2 = tb.links

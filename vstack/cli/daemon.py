@@ -58,7 +58,7 @@ def serve(cfg: Config, config_path: Path | None = None) -> int:
     from vstack.vnic.netconf import SetupError, Vnic
 
     try:
-        vnic = Vnic.setup(cfg.vnic)
+        vnic = Vnic.setup(cfg.vnic, cfg.nat)
     except SetupError as e:
         typer.echo(f"vstack: error: {e}", err=True)
         return 1
@@ -91,6 +91,10 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> None:
                 log.error("SIGHUP: configuration not reloaded: %s", e)
                 return
             dp.reload(new)
+            try:
+                vnic.update_nat(new.nat)
+            except Exception as e:
+                log.error("SIGHUP: raw-stack NAT rules not updated: %s", e)
             log.info("configuration reloaded from %s", config_path)
 
         loop.add_signal_handler(signal.SIGHUP, reload)

@@ -30,11 +30,12 @@ import logging
 import os
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vstack.config import VnicConfig
+from vstack.config import ConfigError, Target, VnicConfig, parse_endpoint
 from vstack.vnic.tun import Tun, TunError, open_tun
 
 log = logging.getLogger("vstack.vnic")
@@ -112,8 +113,39 @@ def _nft(script: str, *, check: bool = True) -> subprocess.CompletedProcess[str]
     return p
 
 
-def nft_ruleset(state: NetState, tun: str, addr4: str | None, addr6: str | None) -> str:
+NatMap = Mapping[str, Mapping[str, Target]]
+
+
+def raw_nat_rules(fwmark: int, nat: NatMap) -> list[str]:
+    """nft rules for the ``raw`` entries of the NAT map: the raw stack's re-injected
+    packets (marked) to a virtual destination are DNATed to the real target in the output
+    hook; conntrack reverses it (and the masquerade) on the replies, so the application
+    sees its virtual destination answer."""
+    rules = []
+    for vdst, per_stack in nat.items():
+        t = per_stack.get("raw")
+        if t is None:
+            continue
+        try:
+            v = parse_endpoint(vdst, f"nat.{vdst}")
+        except ConfigError:
+            continue
+        fam = "ip6" if ":" in v.address else "ip"
+        addr = f"[{t.address}]" if fam == "ip6" and (v.port or t.port) else t.address
+        match = f"meta mark 0x{fwmark:x} {fam} daddr {v.address}"
+        if v.port is not None:
+            match += f" meta l4proto {{ tcp, udp }} th dport {v.port}"
+            to = f"{addr}:{t.port or v.port}"
+        else:
+            to = t.address
+        rules.append(f"{match} dnat {fam} to {to}")
+    return rules
+
+
+def nft_ruleset(state: NetState, tun: str, addr4: str | None, addr6: str | None,
+                nat: NatMap | None = None) -> str:
     mark = f"0x{state.fwmark:x}"
+    dnat = "\n        ".join(raw_nat_rules(state.fwmark, nat or {}))
     masq = []
     if addr4:
         masq.append(f"meta mark {mark} ip saddr {addr4} oifname != \"{tun}\" masquerade")
@@ -128,6 +160,10 @@ def nft_ruleset(state: NetState, tun: str, addr4: str | None, addr6: str | None)
     chain raw_pre {{
         type filter hook prerouting priority raw; policy accept;
         iifname "{tun}" notrack
+    }}
+    chain nat_out {{
+        type nat hook output priority -100; policy accept;
+        {dnat}
     }}
     chain post {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -227,7 +263,7 @@ class Vnic:
         return self.cfg.name
 
     @classmethod
-    def setup(cls, cfg: VnicConfig) -> Vnic:
+    def setup(cls, cfg: VnicConfig, nat: NatMap | None = None) -> Vnic:
         if os.geteuid() != 0:
             raise SetupError("vstack must run as root (TUN device, routes, nftables)")
         try:
@@ -258,7 +294,7 @@ class Vnic:
             raise SetupError(str(e)) from None
         self = cls(cfg, tun, state)
         try:
-            self._configure()
+            self._configure(nat or {})
         except BaseException as e:
             self.close()
             if isinstance(e, SetupError):
@@ -268,7 +304,7 @@ class Vnic:
             raise
         return self
 
-    def _configure(self) -> None:
+    def _configure(self, nat: NatMap) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -332,7 +368,14 @@ class Vnic:
                                          "rule_priority") from None
                     raise SetupError(f"policy rule: {e} (kernel without policy routing?)"
                                      ) from None
-        _nft(nft_ruleset(self.state, name, self.addr4, self.addr6))
+        _nft(nft_ruleset(self.state, name, self.addr4, self.addr6, nat))
+
+    def update_nat(self, nat: NatMap) -> None:
+        """Replace the raw stack's DNAT rules (configuration reload), atomically."""
+        t = self.state.nft_table
+        script = f"flush chain inet {t} nat_out\n" + "".join(
+            f"add rule inet {t} nat_out {r}\n" for r in raw_nat_rules(self.cfg.fwmark, nat))
+        _nft(script)
 
     def close(self) -> list[str]:
         """Remove the device, routes, rules and nft table; idempotent."""
