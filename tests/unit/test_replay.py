@@ -353,3 +353,57 @@ def test_trace_reader_detects_formats(tmp_path: Path) -> None:
     assert TraceReader(a).format == "pcap"
     assert TraceReader(b).format == "jsonl"
     assert list(TraceReader(b)) == []
+
+
+def test_recorded_live_run_replays_to_the_same_decisions(tmp_path: Path, ruleset) -> None:
+    """A datapath-like loop with the daemon's sink (LogWriter + recorder via open_sink):
+    the replay of its recording decides exactly what the live run logged."""
+    from vstack.analysis.classifier import Direction, classify, flow_new_event
+    from vstack.decision.engine import DecisionEngine
+    from vstack.log.recorder import RecordingSink, open_sink
+
+    url = str(tmp_path / "live.sqlite")
+    trace = tmp_path / "live.jsonl"
+    sink = open_sink(url, RunInfo(kind="live"), record=str(trace))
+    assert isinstance(sink, RecordingSink)
+    writer = sink.inner
+    assert isinstance(writer, LogWriter)
+    eng = DecisionEngine(ruleset, None, sink, backend="reference")
+    seen: set[FlowKey] = set()
+    for ts, ip in _packets():
+        c = classify(ip, Direction.APP_TO_NET)
+        back = classify(ip, Direction.NET_TO_APP).key
+        direction = "net->app" if back in seen else "app->net"
+        sink.recorder.packet(ip, ts, direction)
+        if direction == "app->net" and c.key not in seen:
+            seen.add(c.key)
+            ev = flow_new_event(c, ts)
+            sink.event(ev)  # as the datapath does ...
+            sink.flow_seen(c.key, ev.fields, ts)
+            d = eng.decide(ev, ts)  # ... and the engine logs it too
+            sink.decision(c.key, d, ts)
+    k = FlowKey(17, "10.0.0.1", 5000, "10.201.1.2", 9000)
+    m = Event("flow.metrics", 1003.9, {"loss": 0.5, "stack": "udp", "rate_bps": 1e5,
+                                       "interval_s": 1.0}, k)
+    sink.event(m)
+    sink.outcome(k, "udp", m.time, m.fields)
+    eng.submit(m, m.time)
+    sink.close()
+    assert sink.recorder.events == N_FLOWS + 1  # each flow.new once, plus the metrics
+    engine = db.open_db(url)
+    live = choices_from_db(engine, writer.run_id)
+    engine.dispose()
+    res, probs = _run(trace, ruleset, backend="reference")
+    assert probs == []
+    assert choices_from_result(res) == live
+    assert live[str(k)].final == "dccp"
+    assert _count_rows(url, "events WHERE type='flow.new'") == N_FLOWS
+    assert _count_rows(url, "outcomes") == 1
+
+
+def _count_rows(url: str, what: str) -> int:
+    con = sqlite3.connect(url)
+    try:
+        return int(con.execute(f"SELECT count(*) FROM {what}").fetchone()[0])
+    finally:
+        con.close()

@@ -31,7 +31,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from vstack.analysis.flowkey import FlowKey
 from vstack.decision.events import Event
+from vstack.execution.selector import Decision
+from vstack.log import DecisionSink, NullSink
 from vstack.log.writer import jsonable
 
 TRACE_FORMAT = "vstack-trace"
@@ -67,6 +70,7 @@ class TraceRecorder:
         self.events = 0
         self.errors = 0
         self.error: str | None = None
+        self._last_event: Event | None = None
         self._f: io.TextIOWrapper | None = open(  # noqa: SIM115 - closed by close()
             self.path, "w", encoding="utf-8", buffering=1 << 16)
         self._write({"kind": "header", "format": TRACE_FORMAT, "version": TRACE_VERSION,
@@ -98,7 +102,11 @@ class TraceRecorder:
                      "data": base64.b64encode(head).decode("ascii")})
 
     def event(self, event: Event) -> None:
-        """Record one event that entered the decision engine."""
+        """Record one event that entered the decision engine (the same object twice in a
+        row, as the datapath and the engine both pass flow.new, is recorded once)."""
+        if event is self._last_event:
+            return
+        self._last_event = event
         self.events += 1
         self._write({"kind": "event", "t": event.time, "type": event.type,
                      "flow": None if event.flow is None else str(event.flow),
@@ -132,4 +140,50 @@ class TraceRecorder:
         self.close()
 
 
-__all__ = ["DEFAULT_SNAPLEN", "DIRECTIONS", "TRACE_FORMAT", "TRACE_VERSION", "TraceRecorder"]
+class RecordingSink:
+    """A ``DecisionSink`` that records every event to a ``TraceRecorder`` and passes
+    everything on to ``inner`` (a ``LogWriter`` or ``NullSink``): hand it to the engine and
+    the datapath, and call ``recorder.packet`` on the packet path."""
+
+    def __init__(self, recorder: TraceRecorder, inner: DecisionSink | None = None) -> None:
+        self.recorder = recorder
+        self.inner: DecisionSink = inner if inner is not None else NullSink()
+
+    def event(self, event: Event) -> None:
+        self.recorder.event(event)
+        self.inner.event(event)
+
+    def decision(self, flow: FlowKey | None, decision: Decision, now: float) -> None:
+        self.inner.decision(flow, decision, now)
+
+    def outcome(self, flow: FlowKey, stack: str, now: float, metrics: Mapping[str, Any]) -> None:
+        self.inner.outcome(flow, stack, now, metrics)
+
+    def flow_seen(self, flow: FlowKey, features: Mapping[str, Any], now: float) -> None:
+        self.inner.flow_seen(flow, features, now)
+
+    def close(self) -> None:
+        self.recorder.close()
+        self.inner.close()
+
+
+def open_sink(db_url: str, run_info: Any = None, record: str = "",
+              **writer_kwargs: Any) -> DecisionSink:
+    """The daemon's sink from ``[log]``: ``db_url`` "" = no database (``NullSink``), else a
+    ``LogWriter`` (raises ``db.DatabaseError`` at start); ``record`` "" = no trace, else a
+    ``RecordingSink`` around it (its ``recorder`` takes the packets)."""
+    from vstack.log.writer import LogWriter
+
+    sink: DecisionSink = LogWriter(db_url, run_info, **writer_kwargs) if db_url else NullSink()
+    if record:
+        try:
+            rec = TraceRecorder(record)
+        except BaseException:
+            sink.close()
+            raise
+        return RecordingSink(rec, sink)
+    return sink
+
+
+__all__ = ["DEFAULT_SNAPLEN", "DIRECTIONS", "TRACE_FORMAT", "TRACE_VERSION", "RecordingSink",
+           "TraceRecorder", "open_sink"]
