@@ -21,6 +21,7 @@ The peer vanishing (timeout) or resetting reaches the engine as ``ctx.on_error(S
 from __future__ import annotations
 
 import collections
+import logging
 from typing import Any
 
 from vstack.dccp import connection as dc
@@ -29,6 +30,7 @@ from vstack.dccp.transport import TransportError
 from vstack.execution.stacks.base import Stack, StackError, register_stack
 
 DEFAULT_QUEUE = 1024
+log = logging.getLogger("vstack.dccp")
 
 
 @register_stack
@@ -119,6 +121,10 @@ class DccpStack(Stack):
     def _event(self, ev: Any) -> None:
         if isinstance(ev, dc.HandshakeComplete):
             self.handshake_done = self.ctx.loop.time()
+            log.info("dccp to %s:%d open (CCID %d) after %.1f ms, %d queued payloads",
+                     self.ctx.target[0], self.ctx.target[1], ev.ccid,
+                     (self.handshake_done - (self.handshake_started or 0.0)) * 1000,
+                     len(self._queue))
             c = self.client
             while self._queue and c is not None:
                 self._send_now(c, self._queue.popleft())
