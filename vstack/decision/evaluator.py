@@ -93,6 +93,8 @@ class RuleIndex:
         self.by_name = {r.name: r for r in rs.rules}
         self._events: dict[str, _EventIndex] = {}
         self._prefix_keys: dict[tuple[str, tuple[Network, ...]], str] = {}
+        self._nets_cache: dict[A.SetLit | A.SetName, tuple[Network, ...] | None] = {}
+        self._values_cache: dict[A.SetLit | A.SetName, tuple[Any, ...]] = {}
         grouped: dict[str, list[A.Rule]] = {}
         for r in rs.ordered():
             grouped.setdefault(r.event, []).append(r)
@@ -112,6 +114,14 @@ class RuleIndex:
 
     def networks_of(self, s: A.SetLit | A.SetName) -> tuple[Network, ...] | None:
         """The set as networks if it holds any prefix; None for a plain value set."""
+        try:
+            return self._nets_cache[s]
+        except KeyError:
+            nets = self._networks_of(s)
+            self._nets_cache[s] = nets
+            return nets
+
+    def _networks_of(self, s: A.SetLit | A.SetName) -> tuple[Network, ...] | None:
         items = [self.literal_value(v) for v in self.set_items(s)]
         lits = [v for v in self.set_items(s) if isinstance(v, A.Literal)]
         if not any(v.kind == "prefix" for v in lits):
@@ -126,6 +136,15 @@ class RuleIndex:
                 except ValueError:
                     continue
         return tuple(nets)
+
+    def set_values(self, s: A.SetLit | A.SetName) -> tuple[Any, ...]:
+        """The values of a plain (non-prefix) set."""
+        try:
+            return self._values_cache[s]
+        except KeyError:
+            vals = tuple(self.literal_value(i) for i in self.set_items(s))
+            self._values_cache[s] = vals
+            return vals
 
     def prefix_key(self, name: str, nets: tuple[Network, ...]) -> str:
         return self._prefix_keys[(name, nets)]
@@ -189,10 +208,17 @@ def _value(v: A.Value, facts: Mapping[str, Any], params: Mapping[str, Any]) -> A
     return facts.get(v.id)
 
 
-def _in_networks(value: Any, nets: Sequence[Network]) -> bool:
+@lru_cache(maxsize=8192)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        a = ipaddress.ip_address(str(value))
+        return ipaddress.ip_address(text)
     except ValueError:
+        return None
+
+
+def _in_networks(value: Any, nets: Sequence[Network]) -> bool:
+    a = _ip(str(value))
+    if a is None:
         return False
     return any(a.version == n.version and a in n for n in nets)
 
@@ -218,10 +244,7 @@ def eval_cond(c: A.Cond | None, facts: Mapping[str, Any], index: RuleIndex) -> b
     # InSet
     v = _value(c.operand, facts, params)
     nets = index.networks_of(c.set)
-    if nets is not None:
-        found = _in_networks(v, nets)
-    else:
-        found = any(v == index.literal_value(i) for i in index.set_items(c.set))
+    found = _in_networks(v, nets) if nets is not None else v in index.set_values(c.set)
     return found != c.negated
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from vstack.decision import ast as A
@@ -95,11 +96,16 @@ def is_flow_rule(rule: A.Rule) -> bool:
     return any(n.id in flow_names and n.id not in own for n in A.cond_names(rule.cond))
 
 
-def canonical_addr(v: Any) -> str:
+@lru_cache(maxsize=8192)
+def _canonical(text: str) -> str:
     try:
-        return str(ipaddress.ip_address(str(v).strip("[]")))
+        return str(ipaddress.ip_address(text.strip("[]")))
     except ValueError:
         return ""
+
+
+def canonical_addr(v: Any) -> str:
+    return _canonical(str(v))
 
 
 def coerce(value: Any, t: str) -> Any:
