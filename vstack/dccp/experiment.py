@@ -109,9 +109,11 @@ def _config(name: str, vdst: str, udp_target: str, dccp_target: str, stack: str,
 def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
                         period: float = 5.0, rate: float = 1000.0, size: int = 200,
                         transport: str = "raw",
-                        echo: Callable[[str], None] | None = None) -> SwitchRun:
+                        echo: Callable[[str], None] | None = None,
+                        live_counts: bool = False) -> SwitchRun:
     """Run the experiment on testbed ``tb`` (edge + server namespaces); CSVs go to
-    ``out_dir``. ``echo`` receives progress lines (the demo prints them)."""
+    ``out_dir``. ``echo`` receives progress lines (the demo prints them); with
+    ``live_counts`` also each server's per-second counts as they come."""
     say = echo or (lambda _m: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +135,7 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
                         stderr=subprocess.STDOUT, text=True)
     procs = [udp_srv, dccp_srv]
     daemon_lines: list[str] = []
+    server_lines: dict[str, list[str]] = {"udp": [], "dccp": []}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "vstack.toml"
         name = f"vb{secrets.token_hex(3)}"
@@ -152,15 +155,21 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
             procs.append(daemon)
             _wait_line(daemon, "vstack ready", 30, daemon_lines)
 
-            def pump() -> None:
-                assert daemon.stdout is not None
-                for line in daemon.stdout:
-                    daemon_lines.append(line)
+            def pump(p: subprocess.Popen[str], into: list[str], live: bool) -> None:
+                assert p.stdout is not None
+                for line in p.stdout:
+                    into.append(line)
+                    if live:
+                        say(f"  {line.rstrip()}")
 
-            threading.Thread(target=pump, daemon=True).start()
             say(f"switch: app -> {vdst} through vstack; udp -> {udp_t}, dccp -> {dccp_t} "
                 f"({transport}); switching every {period:g} s for {seconds:g} s at "
                 f"{rate:g} pkt/s")
+            threading.Thread(target=pump, args=(daemon, daemon_lines, False),
+                             daemon=True).start()
+            for name, p in (("udp", udp_srv), ("dccp", dccp_srv)):
+                threading.Thread(target=pump, args=(p, server_lines[name], live_counts),
+                                 daemon=True).start()
             app = tb.popen(tb.edge, [py, "-c", APP, l1.server4, "9000", str(rate),
                                      str(seconds), str(size)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -168,7 +177,7 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
             _wait_line(app, "app ready", 20)
             t_start = time.monotonic()
             i = 0
-            seen: set[str] = set()
+            seen = {"udp"}  # the flow starts on UDP: that stack exists from the start
             while app.poll() is None:
                 now = time.monotonic()
                 if now - t_start >= period * (i + 1) and now - t_start < seconds - 0.5:
@@ -179,7 +188,7 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
                     os.kill(daemon.pid, signal.SIGHUP)
                     seen.add(to)
                     say(f"switch: t={now - t_start:5.1f}s -> {to}"
-                        f"{' (cached)' if to in ('udp',) or run.switches[-1].cached else ''}")
+                        f"{' (cached stack)' if run.switches[-1].cached else ' (new stack)'}")
                 time.sleep(0.005)
             assert app.stdout is not None
             line = app.stdout.read()
@@ -204,10 +213,11 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
                     p.kill()
                     p.wait()
             run.daemon_log = "".join(daemon_lines)
-    for p in (udp_srv, dccp_srv):
-        with contextlib.suppress(Exception):
-            assert p.stdout is not None
-            say(p.stdout.read().strip().splitlines()[-1])
+    time.sleep(0.2)  # the pump threads read the servers' last lines
+    for name in ("udp", "dccp"):
+        done = [ln for ln in server_lines[name] if " done " in ln]
+        if done and not live_counts:
+            say(done[-1].strip())
     return run
 
 
@@ -373,3 +383,17 @@ def summary_lines(figs: SwitchFigures) -> Sequence[str]:
         f"dccp/udp {figs.dccp_udp_ratio:.3f}",
         f"csv {figs.csv}  png {figs.png}",
     ]
+
+
+def run_demo(tb: Any, *, seconds: float = 20.0, period: float = 5.0, rate: float = 200.0,
+             echo: Callable[[str], None] = print) -> SwitchFigures:
+    """``vstack demo``'s DCCP scenario on the demo's testbed ``tb``: the app's UDP flow
+    switches UDP <-> DCCP every ``period`` s; per-second counts of both servers are echoed
+    live, then the summary. Files go to a temporary folder that is removed."""
+    with tempfile.TemporaryDirectory(prefix="vstack-demo-") as tmp:
+        run = run_switch_scenario(tb, tmp, seconds=seconds, period=period, rate=rate,
+                                  echo=echo, live_counts=True)
+        figs = analyse(run, tmp)
+        for line in summary_lines(figs)[:-1]:
+            echo(f"demo: {line}")
+    return figs
