@@ -407,3 +407,86 @@ def _count_rows(url: str, what: str) -> int:
         return int(con.execute(f"SELECT count(*) FROM {what}").fetchone()[0])
     finally:
         con.close()
+
+
+# -- properties ---------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_HS = settings(max_examples=40, deadline=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_HS
+@given(pkts=st.lists(st.tuples(st.floats(0, 1e9, allow_nan=False), st.integers(0, 1400),
+                               st.integers(1, 65535), st.booleans(), st.booleans()),
+                     max_size=8),
+       evs=st.lists(st.tuples(st.floats(0, 1e9, allow_nan=False),
+                              st.sampled_from(["flow.metrics", "link.down", "mgmt.congestion"]),
+                              st.dictionaries(st.text(min_size=1, max_size=8),
+                                              st.integers() | st.text(max_size=8)
+                                              | st.floats(allow_nan=False,
+                                                          allow_infinity=False),
+                                              max_size=4)),
+                    max_size=8))
+def test_jsonl_round_trip(tmp_path_factory: pytest.TempPathFactory, pkts, evs) -> None:
+    """What the recorder writes, the reader gives back: events exactly, packets as their
+    first 128 bytes padded to their length (so they classify the same)."""
+    from vstack.analysis.classifier import classify
+    from vstack.replay import TraceEvent, TracePacket
+
+    p = tmp_path_factory.mktemp("rt") / "t.jsonl"
+    origs = []
+    with TraceRecorder(p) as rec:
+        for t, size, port, v6, reply in pkts:
+            src, dst = ("fd00::1", "fd01::2") if v6 else ("10.0.0.1", "10.0.0.2")
+            ip = build_udp(src, dst, port, 9000, b"\xab" * size)
+            origs.append(ip)
+            rec.packet(ip, t, "net->app" if reply else "app->net")
+        for t, typ, fields in evs:
+            rec.event(Event(typ, t, fields, _KEY))
+    problems: list[TraceProblem] = []
+    items = list(TraceReader(p, problems.append))
+    assert problems == []
+    got_p = [i for i in items if isinstance(i, TracePacket)]
+    got_e = [i.event for i in items if isinstance(i, TraceEvent)]
+    assert len(got_p) == len(pkts)
+    for item, ip, (t, _s, _p, _v, reply) in zip(got_p, origs, pkts, strict=True):
+        assert item.time == t and len(item.data) == len(ip)
+        assert item.data[:128] == ip[:128]
+        assert item.direction == ("net->app" if reply else "app->net")
+        assert classify(item.data).fields() == classify(ip).fields()
+    assert got_e == [Event(typ, t, fields, _KEY) for t, typ, fields in evs]
+
+
+_KEY = FlowKey(17, "10.0.0.1", 5000, "10.0.0.2", 9000)
+
+
+@_HS
+@given(junk=st.binary(max_size=400), cut=st.integers(0, 2000))
+def test_any_bytes_after_a_pcap_header_never_crash(tmp_path_factory: pytest.TempPathFactory,
+                                                  junk: bytes, cut: int) -> None:
+    """A valid pcap cut anywhere (header included) and followed by junk: the reader reports
+    problems, never raises, and yields no more packets than records could fit."""
+    p = tmp_path_factory.mktemp("fz") / "f.pcap"
+    with open(p, "wb") as f:
+        w = dpkt.pcap.Writer(f, snaplen=65535, linktype=101)
+        for ts, ip in _packets()[:4]:
+            w.writepkt(ip, ts=ts)
+    good = p.read_bytes()
+    data = good[: max(cut, 4)] + junk
+    p.write_bytes(data)
+    reader = TraceReader(p)
+    items = list(reader)
+    assert reader.format == "pcap"
+    assert len(items) <= max(len(data) - 24, 0) // 16
+
+
+@_HS
+@given(text=st.text(max_size=300))
+def test_any_text_as_jsonl_never_crashes(tmp_path_factory: pytest.TempPathFactory,
+                                         text: str, ruleset) -> None:
+    p = tmp_path_factory.mktemp("fz") / "f.jsonl"
+    p.write_text(text)
+    res, probs = _run(p, ruleset, backend="reference")
+    assert res.stats.problems == len(probs)
