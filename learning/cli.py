@@ -23,8 +23,8 @@ app = typer.Typer(help="Offline rule learning from the decision log (Fossa-style
                   no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False)
 
-DB_HELP = ("Database: SQLAlchemy URL or SQLite path [default: $VSTACK_DB or "
-           "/var/lib/vstack/decisions.sqlite]")
+DB_HELP = ("Database: SQLAlchemy URL or SQLite path (default: $VSTACK_DB, else "
+           "/var/lib/vstack/decisions.sqlite)")
 
 
 def _url(url: str | None) -> str:
@@ -57,7 +57,7 @@ def fit(
     db_url: str = typer.Option(None, "--db", help=DB_HELP),
     out: str = typer.Option("learned.rules", "--out", "-o", help="The .rules file to write."),
     run: list[int] = typer.Option(None, "--run", help="Learn from these runs (repeatable) "
-                                  "[default: every live run]."),
+                                  "(default: every live run)."),
     kind: list[str] = typer.Option(["live"], "--kind", help="Run kinds when --run is not given."),
     lam: float = typer.Option(10.0, "--lambda", help="Utility = goodput_mbps - λ·loss."),
     mu: float = typer.Option(0.0, "--mu", help="... - μ·rtt_ms (0: ignore RTT)."),
@@ -68,7 +68,7 @@ def fit(
     feature: list[str] = typer.Option(None, "--feature", help="Use only these flow.new fields."),
     current: str = typer.Option(None, "--current", help="The current .rules file, to compare."),
     default_stack: str = typer.Option(None, help="--current: the stack when no rule fires "
-                                      "[default: the logged one]."),
+                                      "(default: the logged one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Learn rules from the log: features, labels by utility, a decision tree, a .rules file."""

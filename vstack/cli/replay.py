@@ -26,8 +26,8 @@ db_app = typer.Typer(help="The decision log database (SQLite by default; any SQL
 app.add_typer(db_app, name="db")
 app.add_typer(learn_app, name="learn")
 
-DB_HELP = ("Database: SQLAlchemy URL or SQLite path [default: $VSTACK_DB or "
-           "/var/lib/vstack/decisions.sqlite]")
+DB_HELP = ("Database: SQLAlchemy URL or SQLite path (default: $VSTACK_DB, else "
+           "/var/lib/vstack/decisions.sqlite)")
 
 
 def _db_url(url: str | None) -> str:
