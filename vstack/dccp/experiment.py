@@ -253,12 +253,8 @@ class SwitchFigures:
 
 def _gap_after(k_switch: int, new: dict[int, int], old: dict[int, int],
                horizon: int = 200) -> float:
-    """Milliseconds of silence around a switch: from the last old-server bin with packets
-    (at or after the switch) to the first new-server bin with packets, minus one bin."""
-    last_old = k_switch - 1
-    for k in range(k_switch, k_switch + horizon):
-        if old.get(k, 0):
-            last_old = k
+    """Milliseconds of silence at a switch: the empty bins between the old server's last
+    bin with packets and the new server's first (both near the switch)."""
     first_new = None
     for k in range(k_switch - 1, k_switch + horizon):
         if new.get(k, 0):
@@ -266,6 +262,11 @@ def _gap_after(k_switch: int, new: dict[int, int], old: dict[int, int],
             break
     if first_new is None:
         return float(horizon * BIN_S * 1000)
+    last_old = k_switch - 1
+    for k in range(first_new - 1, k_switch - horizon, -1):
+        if old.get(k, 0):
+            last_old = k
+            break
     return max(0.0, (first_new - last_old - 1) * BIN_S * 1000)
 
 

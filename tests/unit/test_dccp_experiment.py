@@ -1,0 +1,53 @@
+"""The switching experiment's analysis on synthetic server CSVs (no root, no testbed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vstack.cli.serve import BinCounter
+from vstack.dccp.experiment import Switch, SwitchRun, analyse, plot, summary_lines
+
+T0 = 1000.0  # CLOCK_MONOTONIC seconds, any value
+
+
+def _write(path: Path, bins: dict[int, int]) -> str:
+    c = BinCounter()
+    for k, n in bins.items():
+        for _ in range(n):
+            c.add(100, (T0 / 0.01 + k) * 0.01 + 0.001)
+    c.write_csv(path)
+    return str(path)
+
+
+def _run(tmp: Path, udp: dict[int, int], dccp: dict[int, int], sent: int) -> SwitchRun:
+    return SwitchRun(sent=sent, t0=T0, t1=T0 + 3.0,
+                     switches=[Switch(T0 + 1.0, "dccp", False), Switch(T0 + 2.0, "udp", True)],
+                     udp_csv=_write(tmp / "u.csv", udp), dccp_csv=_write(tmp / "d.csv", dccp))
+
+
+def test_gaps_loss_and_ratio(tmp_path: Path) -> None:
+    # 10 packets per 10 ms bin; UDP for 1 s, DCCP after a 50 ms handshake hole, UDP again
+    udp = {k: 10 for k in range(0, 100)} | {k: 10 for k in range(200, 300)}
+    dccp = {k: 10 for k in range(105, 200)}
+    run = _run(tmp_path, udp, dccp, sent=3000)
+    f = analyse(run, tmp_path)
+    assert f.received_udp == 2000 and f.received_dccp == 950
+    assert f.lost == 50
+    assert f.first_switch_gap_ms == 50.0
+    assert f.cached_switch_gap_ms == 0.0
+    assert f.empty_bins == 5
+    assert f.dccp_udp_ratio == 1.0
+    assert json.loads(f.to_json())["lost"] == 50
+    assert any("lost 50" in line for line in summary_lines(f))
+    png = plot(f, run, tmp_path / "s.png")
+    assert Path(png).stat().st_size > 1000
+
+
+def test_slower_dccp_gives_lower_ratio(tmp_path: Path) -> None:
+    udp = {k: 10 for k in range(0, 100)} | {k: 10 for k in range(200, 300)}
+    dccp = {k: 5 for k in range(100, 200)}
+    f = analyse(_run(tmp_path, udp, dccp, sent=3000), tmp_path)
+    assert f.dccp_udp_ratio == 0.5
+    assert f.first_switch_gap_ms == 0.0
+    assert f.lost == 500
