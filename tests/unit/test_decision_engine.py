@@ -383,3 +383,29 @@ def test_bad_options_are_rejected() -> None:
     with pytest.raises(ValueError, match="backend"):
         DecisionEngine(parse_rules("rule a: on flow.new then use_stack(udp)"), None, None,
                        backend="prolog")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_action_decisions_logged_unless_turned_off_and_timer_hook(backend: str) -> None:
+    src = """
+        rule start: on flow.new then use_stack(udp), start_timer(t, 1s)
+        rule up: on flow.metrics if loss > 0.1 then use_stack(dccp)
+    """
+    eng, act, sink = make(src, backend)
+    changes: list[float | None] = []
+    eng.on_timers_changed = lambda: changes.append(eng.next_timer())
+    start(eng, act, F1)
+    assert changes == [1.0]
+    eng.submit(Event("flow.metrics", 0.5, {"loss": 0.5}, F1), 0.5)
+    logged = [d for k, d, _ in sink.decisions if k == F1 and d.stack == "dccp"]
+    assert len(logged) == 1
+    assert logged[0].rule == "up" and logged[0].rules_version == eng.rules_version
+    assert logged[0].facts["loss"] == 0.5
+    eng.handle_timer(1.0)
+    assert changes == [1.0, None]
+
+    eng2, act2, sink2 = make(src, backend, log_actions=False)
+    start(eng2, act2, F1)
+    eng2.submit(Event("flow.metrics", 0.5, {"loss": 0.5}, F1), 0.5)
+    assert act2.switches() == [(F1, "dccp")]
+    assert [d.stack for _, d, _ in sink2.decisions] == ["udp"]  # only decide()'s

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,7 +121,7 @@ class DecisionEngine:
     def __init__(self, ruleset: A.RuleSet, actuator: Actuator | None = None,
                  sink: DecisionSink | None = None, *, backend: str = "durable",
                  exploration: float = 0.0, seed: int = 0,
-                 params: Mapping[str, Any] | None = None) -> None:
+                 params: Mapping[str, Any] | None = None, log_actions: bool = True) -> None:
         if not 0.0 <= exploration <= 1.0:
             raise ValueError("exploration must be within 0..1")
         self.actuator = actuator
@@ -134,6 +134,12 @@ class DecisionEngine:
         self._hold: dict[tuple[str, FlowKey | None], float] = {}
         self._last: dict[tuple[str, FlowKey | None], float] = {}
         self._timers: dict[str, _Timer] = {}
+        # Called (on the caller's thread) whenever the set of armed timers changes, so an
+        # adapter can re-arm its loop timer (``vstack.decision.driver``).
+        self.on_timers_changed: Callable[[], None] | None = None
+        # Log a Decision (with facts and rules version) for every flow an event changed.
+        # An actuator that logs its own actions may turn this off to avoid two records.
+        self.log_actions = log_actions
         self._c = self._compile(ruleset, params)
         self._params = dict(params or {})
 
@@ -438,7 +444,7 @@ class DecisionEngine:
             except Exception:
                 log.exception("action %s of rule %s failed for %s", a.name, a.rule, key)
                 self.stats["action_errors"] += 1
-        if changed:
+        if changed and self.log_actions:
             rule = next((a.rule for a in eff if a.name == "use_stack"), eff[0].rule)
             d = Decision(rules_version=c.version, facts=dict(facts), rule=rule, **changed)
             try:
@@ -452,6 +458,7 @@ class DecisionEngine:
 
     def _run_side_actions(self, eff: Iterable[BoundAction], now: float) -> int:
         n = 0
+        timers_changed = False
         for a in eff:
             try:
                 if a.name == "log":
@@ -465,15 +472,27 @@ class DecisionEngine:
                     if name not in self._timers or opts.get("restart"):
                         self._timers[name] = _Timer(now + period,
                                                     period if opts.get("repeat") else None)
+                        timers_changed = True
                 elif a.name == "stop_timer":
-                    self._timers.pop(str(a.args[0]), None)
+                    timers_changed |= self._timers.pop(str(a.args[0]), None) is not None
                 else:
                     continue
                 n += 1
             except Exception:
                 log.exception("action %s of rule %s failed", a.name, a.rule)
                 self.stats["action_errors"] += 1
+        if timers_changed:
+            self._timers_changed()
         return n
+
+    def _timers_changed(self) -> None:
+        hook = self.on_timers_changed
+        if hook is not None:
+            try:
+                hook()
+            except Exception:
+                log.exception("on_timers_changed hook failed")
+                self.stats["errors"] += 1
 
     def _sink_event(self, event: Event) -> None:
         try:
@@ -506,6 +525,8 @@ class DecisionEngine:
                 del self._timers[name]
             self.stats["timers"] += 1
             applied += self.submit(Event(f"timer.{name}", deadline, {"name": name}), now)
+        if due:
+            self._timers_changed()
         return applied
 
 
