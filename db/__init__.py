@@ -182,7 +182,12 @@ def check_schema(engine: Engine, *, migrate: bool = True) -> str:
                                f"vstack (which knows up to {head!r}): upgrade vstack")
     if not migrate:
         raise SchemaOutdated(OUTDATED_MESSAGE)
-    upgrade(engine)
+    try:
+        upgrade(engine)
+    except DatabaseUnavailable:
+        # another process (a second vstack) may have migrated it at the same time
+        if schema_revision(engine) != head:
+            raise
     return head
 
 
