@@ -88,7 +88,7 @@ class AckVectorReceiver:
         self.max_packets = max_packets
         self.max_records = max_records
         self._tail: int | None = None  # lowest tracked seqno
-        self._states: list[int] = []  # index i -> state of seqno tail + i
+        self._states = bytearray()  # index i -> state of seqno tail + i
         # our packet seqno -> the Acknowledgement Number its Ack Vector started at
         self._records: OrderedDict[int, int] = OrderedDict()
         self.trimmed = 0  # how many times an ack-of-ack trimmed the state
@@ -113,7 +113,7 @@ class AckVectorReceiver:
         """Record that ``seqno`` arrived; False if it was a duplicate or too old."""
         if self._tail is None:
             self._tail = seqno
-            self._states = [state]
+            self._states = bytearray((state,))
             return True
         if not self._states:  # everything up to tail - 1 was trimmed by an ack of ack
             ahead = sq.dist(seqno, self._tail)
@@ -122,16 +122,16 @@ class AckVectorReceiver:
             if ahead > self.max_packets:
                 self._tail = seqno
                 ahead = 0
-            self._states = [CellState.NOT_RECEIVED] * ahead + [state]
+            self._states = bytearray((CellState.NOT_RECEIVED,)) * ahead + bytes((state,))
             return True
         head = sq.add(self._tail, len(self._states) - 1)
         ahead = sq.dist(seqno, head)
         if ahead > 0:
             if ahead > self.max_packets:
                 self._tail = seqno
-                self._states = [state]
+                self._states = bytearray((state,))
                 return True
-            self._states.extend([CellState.NOT_RECEIVED] * (ahead - 1))
+            self._states.extend(bytes((CellState.NOT_RECEIVED,)) * (ahead - 1))
             self._states.append(state)
             self._bound()
             return True
@@ -143,7 +143,7 @@ class AckVectorReceiver:
                 return False
             if len(self._states) - idx > self.max_packets:
                 return False
-            self._states[:0] = [state] + [CellState.NOT_RECEIVED] * (-idx - 1)
+            self._states[:0] = bytes((state,)) + bytes((CellState.NOT_RECEIVED,)) * (-idx - 1)
             self._tail = seqno
             return True
         if self._states[idx] != CellState.NOT_RECEIVED:
@@ -168,17 +168,31 @@ class AckVectorReceiver:
             self._trimmed_below = self._tail
 
     # ---- generating ------------------------------------------------------
-    def cells(self, max_cells: int = MAX_CELLS) -> list[Cell]:
-        """Run-length cells from ``head`` down to the tail (§11.4), newest first."""
+    def cells(self, max_cells: int = MAX_CELLS, max_cover: int | None = None) -> list[Cell]:
+        """Run-length cells from ``head`` down towards the tail (§11.4), newest first.
+
+        At most ``max_cells`` cells and ``max_cover`` packets (None: all tracked):
+        a truncated vector is still correct, it just says nothing about older packets.
+        Runs are found with ``bytearray.rfind`` so a long run costs one C call.
+        """
         out: list[Cell] = []
-        i = len(self._states) - 1
-        while i >= 0 and len(out) < max_cells:
-            state = self._states[i]
-            run = 0
-            while run < MAX_RUN and i - run - 1 >= 0 and self._states[i - run - 1] == state:
-                run += 1
-            out.append((int(state), run))
-            i -= run + 1
+        st = self._states
+        i = len(st) - 1
+        lo = 0 if max_cover is None else max(0, len(st) - max_cover)
+        others = {0: (1, 3), 1: (0, 3), 3: (0, 1)}
+        while i >= lo and len(out) < max_cells:
+            state = st[i]
+            start = lo
+            for o in others.get(state, (0, 1, 3)):
+                j = st.rfind(o, lo, i)
+                if j + 1 > start:
+                    start = j + 1
+            n = i - start + 1  # packets in this run
+            while n > 0 and len(out) < max_cells:
+                take = min(n, MAX_RUN + 1)
+                out.append((state, take - 1))
+                n -= take
+            i = start - 1
         return out
 
     def nonce(self) -> int:
@@ -215,7 +229,7 @@ class AckVectorReceiver:
         self._trimmed_below = sq.add(ackno, 1)
         if drop >= len(self._states):
             self._tail = sq.add(ackno, 1)
-            self._states = []
+            self._states = bytearray()
         else:
             del self._states[:drop]
             self._tail = sq.add(self._tail, drop)

@@ -333,7 +333,7 @@ class DccpConnection:
         # ack state
         self._ack_now = False
         self._data_since_ack = 0
-        self._last_data_seq: int | None = None
+        self._rx_since_ack = 0  # packets received since we last sent an ack
         self._ndp = 0  # consecutive non-data packets sent (§7.7)
         self._ts_echo: tuple[int, float] | None = None  # peer Timestamp value, when received
         self._ts_sent: dict[int, float] = {}
@@ -635,6 +635,7 @@ class DccpConnection:
         # §8.5 step 8 "mark acknowledgeable", done here so the Ack Vector's head is
         # always GSR (our Acknowledgement Number), even for packets step 7 rejects
         self.ackvec.add(pkt.seq)
+        self._rx_since_ack += 1
         # §8.5 step 7: unexpected packet types
         if (
             (self.is_server and pkt.type in (PT.CLOSEREQ, PT.RESPONSE))
@@ -963,6 +964,7 @@ class DccpConnection:
     def _ack_options(self, now: float, seqno: int, ackno: int) -> list[Option]:
         """Options of an Ack/DataAck: Confirms/Changes, Ack Vector, Timestamp Echo, NDP."""
         opts: list[Option] = []
+        self._rx_since_ack = 0
         if self.state == State.PARTOPEN:
             opts.extend(self._partopen_opts)
         opts.extend(self.features.options())
@@ -970,7 +972,9 @@ class DccpConnection:
             self._feat_at = now + max(self.ccid.rto, 0.2)
         if self.features.local[ft.SEND_ACK_VECTOR]:
             head = self.ackvec.head
-            runs = self.ackvec.cells() if head == ackno else [(0, 0)]
+            # covering a few peer windows is enough: older state only reports late arrivals
+            cover = max(256, 4 * self.seq.remote_window)
+            runs = self.ackvec.cells(max_cover=cover) if head == ackno else [(0, 0)]
             opts.append(AckVector.from_runs(runs, self.ackvec.nonce()))
             self.ackvec.record_sent(seqno, ackno)
         echo = self._timestamp_echo(now)
@@ -1022,8 +1026,15 @@ class DccpConnection:
             if self._ndp and self.features.local[ft.SEND_NDP_COUNT]:
                 opts.append(NdpCount(self._ndp))
             self._ndp = 0
-            # §8.1.5: in PARTOPEN every packet carries an ack; piggyback a due ack
-            if self.state == State.PARTOPEN or self._ack_now or self.features.confirms_owed:
+            # §8.1.5: in PARTOPEN every packet carries an ack; piggyback a due ack; and
+            # ack the peer's acks about once per window, so it can trim its Ack Vector
+            # state (RFC 4341 §6.1.4, acks of acks)
+            if (
+                self.state == State.PARTOPEN
+                or self._ack_now
+                or self.features.confirms_owed
+                or self._rx_since_ack >= max(2, self.ccid.cwnd // 2)
+            ):
                 ackno = self.seq.gsr if self.seq.gsr is not None else 0
                 opts = self._ack_options(now, seqno, ackno) + opts
                 self._ack_now = False
