@@ -167,3 +167,28 @@ def test_param_helpers() -> None:
         set_params("param a = 1\n", {"b": 2})
     assert set_params("param a = 1 # x\nparam ab = 3\n", {"a": 0.25}) == \
         "param a = 0.25 # x\nparam ab = 3\n"
+
+
+def test_categorical_split_becomes_a_string_condition() -> None:
+    """A policy that depends on the protocol: the one-hot split is written as
+    ``proto == "..."`` / ``proto != "..."`` and the rules decide like the tree."""
+    import random
+
+    from learning.data import Sample
+
+    rng = random.Random(4)
+    samples = []
+    for i in range(600):
+        proto = rng.choice(["udp", "tcp", "udplite"])
+        stack = rng.choice(["udp", "tcp"])
+        best = "tcp" if proto == "tcp" else "udp"
+        good = (9.0 if stack == best else 3.0) + rng.gauss(0, 0.5)
+        samples.append(Sample(1, f"f{i}", float(i), stack, "r", 0.5, rng.random() < 0.5,
+                              {"proto": proto, "dport": rng.choice([53, 443, 9000]),
+                               "payload_len": rng.randint(0, 1400)}, good * 1e6, 0.0))
+    res = learn(samples, LearnConfig(Utility(10.0), min_leaf=10))
+    assert res.diagnostics == [], res.rules_text
+    assert 'proto == "tcp"' in res.rules_text or 'proto != "tcp"' in res.rules_text
+    assert res.report["conversion_mismatches"] == 0
+    learned = next(e for e in res.report["evaluation"] if e["policy"] == "learned")
+    assert learned["accuracy"] >= 0.95
