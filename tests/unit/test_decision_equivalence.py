@@ -91,3 +91,19 @@ def test_constant_false_rules_are_not_compiled_and_prefixes_are_derived_facts() 
     assert "'p0': True" in text  # dst in core
     assert "'p0': False" in text  # dst not in core
     assert "$neq" in text and "$or" in text
+
+
+@pytest.mark.parametrize("value", ["é", "a\nb", "tab\there", "back\\slash", 'q"q', "\u2603",
+                                   "x\x01y"])
+def test_strings_beyond_ascii_and_escapes(value: str) -> None:
+    rs = A.RuleSet((
+        A.Rule("eq", "mgmt.x", A.Compare("==", A.Name("who"), A.Literal("str", value)),
+               (A.Action("log", (A.Literal("str", "eq"),)),), index=0),
+        A.Rule("ne", "mgmt.x", A.Compare("!=", A.Name("who"), A.Literal("str", value)),
+               (A.Action("log", (A.Literal("str", "ne"),)),), index=1),
+    ))
+    index = RuleIndex(rs)
+    for who, expect in ((value, ["eq"]), (value + "!", ["ne"])):
+        ref, dur, _, _ = both(index, "mgmt.x", {"who": who})
+        assert ref == expect
+        assert dur == expect

@@ -188,7 +188,7 @@ class DurableBackend:
         h = self._handle
         if h is None or event_type not in self._keys:
             return []
-        text = json.dumps(self.message(event_type, facts))
+        text = json.dumps(self.message(event_type, facts), ensure_ascii=False)
         res = _dre.assert_fact(h, text)
         if res[0] != 0:  # 1: no rule matched (nothing stored)
             return []

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from vstack.decision import ast as A
 
-STR_VALUES = ["udp", "tcp", "dccp", "", "veth0", 'a"b']
+STR_VALUES = ["udp", "tcp", "dccp", "", "veth0", 'a"b', "é\n", "tab\there", "back\\slash"]
 ADDR_VALUES = ["10.0.0.1", "10.1.2.3", "192.0.2.7", "fd00::1", "2001:db8::5", "fe80::9"]
 PREFIXES = ["10.0.0.0/8", "10.1.0.0/16", "fd00::/8", "2001:db8::/32", "192.0.2.7/32",
             "0.0.0.0/0"]
