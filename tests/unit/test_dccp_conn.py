@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from vstack.dccp import features as ft
+from vstack.dccp import seq as sq
 from vstack.dccp.connection import (
     TRANSITIONS,
     ConnectionClosed,
@@ -22,6 +26,7 @@ from vstack.dccp.options import (
     ConfirmL,
     ConfirmR,
     Mandatory,
+    NdpCount,
     Timestamp,
 )
 from vstack.dccp.packet import DccpPacket, PacketType, ResetCode
@@ -439,3 +444,149 @@ def test_unknown_non_mandatory_feature_gets_empty_confirm() -> None:
     (ack,) = c.packets_to_send(0.01)
     assert ConfirmL(77, ()) in ack.options
     assert c.state == State.PARTOPEN
+
+
+# ---- more behaviour ----------------------------------------------------------------------
+
+
+def test_one_way_flow_acks_the_acks_so_receiver_state_stays_small() -> None:
+    p = opened()
+    assert p.s is not None
+    for i in range(2000):
+        p.c.send(b"%d" % i, p.now)
+        if i % 4 == 0:
+            p.collect()
+            p.deliver_all()
+            p.advance(0.0005)
+    p.settle(max_time=1.0)
+    assert len(p.delivered("s")) == 2000
+    assert p.s.ackvec.trimmed > 10
+    assert len(p.s.ackvec) < 300  # trimmed by acks of acks, far below the 16k bound
+    assert any(pk.type == PT.DATAACK for d, pk in p.log if d == "s")
+
+
+def test_ack_ratio_follows_the_window_and_is_confirmed() -> None:
+    p = opened()
+    assert p.s is not None
+    for i in range(30):
+        p.c.send(b"%d" % i, p.now)
+        p.collect()
+        p.deliver_all()
+        p.advance(0.001)
+    p.settle(max_time=1.0)
+    changes = [o for d, pk in p.log if d == "s" for o in pk.options if isinstance(o, ChangeL)]
+    assert any(o.feature == ft.ACK_RATIO for o in changes)
+    assert p.s.features.remote[ft.ACK_RATIO] == p.c.features.local[ft.ACK_RATIO]
+    assert p.c.features.local[ft.ACK_RATIO] <= max(1, p.c.ccid.cwnd // 2)
+    assert not p.c.features.pending
+
+
+def test_ndp_count_sent_when_negotiated() -> None:
+    p = opened()
+    assert p.s is not None
+    p.c.features.local[ft.SEND_NDP_COUNT] = 1
+    p.c._ack_now = True  # one non-data packet, then data
+    p.collect()
+    p.c.send(b"after-ack", p.now)
+    p.collect()
+    data = [f.pkt for f in p.flights if f.pkt.payload == b"after-ack"]
+    sent = [pk for d, pk in p.log if d == "s"]
+    assert sent[-1] is data[0] and sent[-2].type == PT.ACK
+    # §7.7: the length of the run of non-data packets just before this one
+    assert all(pk.type not in (PT.DATA, PT.DATAACK) for pk in sent[:-1])
+    assert NdpCount(len(sent) - 1) in data[0].options
+
+
+def test_server_respond_timeout_is_peer_timeout() -> None:
+    p = Pair(server_cfg=make_config(handshake_timeout=5.0))
+    p.c.connect(0.0)
+    p.collect()
+    p.deliver(0)  # Request reaches the server; the client then vanishes
+    assert p.s is not None and p.s.state == State.RESPOND
+    p.flights.clear()
+    p.now = 5.0
+    p.s.handle_timer(5.0)
+    p.drain_events()
+    assert isinstance(p.events["s"][-2], PeerTimeout)
+    assert p.s.state == State.CLOSED
+
+
+def test_wrong_ports_are_counted_not_processed() -> None:
+    p = opened()
+    assert p.s is not None
+    stray = DccpPacket(type=PT.DATA, sport=CPORT + 1, dport=SPORT, seq=1, payload=b"x")
+    p.s.receive(stray, p.now)
+    assert p.s.stats.invalid == 1 and p.s.state == State.OPEN
+
+
+def test_confirm_with_invalid_value_is_option_error() -> None:
+    c = DccpConnection.client(sport=CPORT, dport=SPORT, config=make_config())
+    c.connect(0.0)
+    (req,) = c.packets_to_send(0.0)
+    resp = replace(linux_response(req), options=(ConfirmL(1, (3, 3)), ConfirmR(1, (2, 2))))
+    c.receive(resp, 0.01)
+    (rst,) = c.packets_to_send(0.01)
+    assert rst.type == PT.RESET and rst.reset_code == ResetCode.OPTION_ERROR
+    assert c.state == State.CLOSED
+
+
+def test_server_priority_reconciliation() -> None:
+    assert ft.reconcile_sp([3, 2, 1], [1, 2]) == 2
+    assert ft.reconcile_sp([3], [1, 2]) is None
+    srv = ft.FeatureNegotiator(is_server=True, local_prefs={ft.SEND_NDP_COUNT: (1, 0)})
+    res = srv.process([ChangeR(ft.SEND_NDP_COUNT, (0, 1))])
+    assert res.confirms_owed and srv.local[ft.SEND_NDP_COUNT] == 1  # the server's list wins
+    assert srv.options() == [ConfirmL(ft.SEND_NDP_COUNT, (1, 1, 0))]
+    cli = ft.FeatureNegotiator(is_server=False, local_prefs={ft.SEND_NDP_COUNT: (1, 0)})
+    cli.process([ChangeR(ft.SEND_NDP_COUNT, (0, 1))])
+    assert cli.local[ft.SEND_NDP_COUNT] == 0  # the server's (the peer's) list wins
+
+
+_fuzz_options = st.lists(
+    st.sampled_from(
+        [
+            Mandatory(),
+            ChangeL(1, (3,)),
+            ChangeR(2, (1,)),
+            ChangeL(3, (10,)),
+            ChangeL(5, (0,)),
+            ConfirmL(6, ()),
+            ConfirmR(1, (2, 2)),
+            ChangeR(99, (1,)),
+            AckVector(0, b"\x3f\xc0\x05"),
+            AckVector(1, b""),
+            Timestamp(5),
+            NdpCount(3),
+        ]
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ptype=st.sampled_from(list(PT)),
+    dseq=st.integers(-300, 300),
+    dack=st.one_of(st.none(), st.integers(-300, 300)),
+    opts=_fuzz_options,
+    rcode=st.integers(0, 255),
+)
+def test_arbitrary_packets_never_crash(
+    ptype: PT, dseq: int, dack: int | None, opts: list[object], rcode: int
+) -> None:
+    p = opened()
+    assert p.s is not None
+    gsr = p.s.seq.gsr
+    assert gsr is not None
+    pkt = DccpPacket(
+        type=ptype, sport=CPORT, dport=SPORT, seq=sq.add(gsr, dseq),
+        ack=None if dack is None else sq.add(p.s.seq.gss, dack),
+        options=tuple(opts),  # type: ignore[arg-type]
+        payload=b"fuzz", reset_code=rcode if ptype == PT.RESET else None,
+        service_code=SERVICE if ptype in (PT.REQUEST, PT.RESPONSE) else None,
+    )  # fmt: skip
+    p.s.receive(pkt, p.now)
+    p.collect()
+    p.advance(1.0)
+    assert p.s.state in set(State)
+    assert p.s.next_timer() is None or p.s.next_timer() >= 0  # type: ignore[operator]
