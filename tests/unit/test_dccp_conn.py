@@ -590,3 +590,17 @@ def test_arbitrary_packets_never_crash(
     p.advance(1.0)
     assert p.s.state in set(State)
     assert p.s.next_timer() is None or p.s.next_timer() >= 0  # type: ignore[operator]
+
+
+def test_request_payload_delivered_once() -> None:
+    p = Pair()
+    p.c.connect(0.0, payload=b"in-request")
+    p.collect()
+    p.duplicate(0)
+    p.deliver(0)
+    t = p.c.next_timer()
+    assert t is not None
+    p.now = t
+    p.fire_timers()  # a retransmitted Request carries the same data (§8.1.1)
+    p.settle(max_time=1.0)
+    assert p.delivered("s") == [b"in-request"]

@@ -413,6 +413,8 @@ class DccpConnection:
         if not self._process_options(req, now):
             return
         self._emit_response(now, first=True)
+        if req.payload:  # §8.5 step 16: data from (only) the first Request
+            self._deliver(req)
 
     # ---- public API -----------------------------------------------------------------
     def send(self, data: bytes, now: float) -> bool:
@@ -967,7 +969,8 @@ class DccpConnection:
         self._rx_since_ack = 0
         if self.state == State.PARTOPEN:
             opts.extend(self._partopen_opts)
-        opts.extend(self.features.options())
+        # (a repeated Response makes fresh Confirms equal to the PARTOPEN ones: send once)
+        opts.extend(o for o in self.features.options() if o not in self._partopen_opts)
         if self.features.pending:
             self._feat_at = now + max(self.ccid.rto, 0.2)
         if self.features.local[ft.SEND_ACK_VECTOR]:
