@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,18 +201,35 @@ def demo(
     seconds: float = typer.Option(20.0, "--seconds", help="how long the application sends"),
     period: float = typer.Option(5.0, "--period", help="switch the flow every PERIOD s"),
     rate: int = typer.Option(200, "--rate", help="datagrams per second"),
+    scenario: str = typer.Option("dccp", "--scenario",
+                                 help="dccp: the paper's UDP <-> DCCP switch; "
+                                      "nat: switch between two UDP servers (NAT)"),
 ) -> None:
     """The paper's scenario on a netns testbed: an application's UDP flow is switched
-    between two servers (NAT) every PERIOD seconds; per-second counts at each server."""
+    every PERIOD seconds (UDP <-> DCCP stacks, or between two UDP servers by NAT);
+    per-second counts at each server."""
     setup_logging()
     from vstack.testbed import Testbed, TestbedError
 
+    if scenario not in ("dccp", "nat"):
+        raise _fail(f"--scenario: expected dccp or nat, got {scenario!r}", 2)
+    run_demo: Callable[..., Any] | None = None
+    if scenario == "dccp":
+        try:
+            from vstack.dccp import experiment
+
+            run_demo = experiment.run_demo
+        except ImportError as e:
+            log.warning("the DCCP scenario is not available (%s): running the NAT scenario", e)
     try:
         tb = Testbed(prefix="vd")
     except TestbedError as e:
         raise _fail(str(e)) from None
     with tb:
-        _demo(tb, seconds, period, rate)
+        if run_demo is not None:
+            run_demo(tb, seconds=seconds, period=period, rate=float(rate), echo=typer.echo)
+        else:
+            _demo(tb, seconds, period, rate)
 
 
 def _demo(tb: Any, seconds: float, period: float, rate: int) -> None:
