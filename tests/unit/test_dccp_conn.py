@@ -604,3 +604,17 @@ def test_request_payload_delivered_once() -> None:
     p.fire_timers()  # a retransmitted Request carries the same data (§8.1.1)
     p.settle(max_time=1.0)
     assert p.delivered("s") == [b"in-request"]
+
+
+def test_handshake_timestamps_seed_the_rto() -> None:
+    p = Pair()
+    p.c.connect(0.0)
+    p.collect()
+    p.now = 0.004
+    p.deliver(0)  # Request arrives after 4 ms
+    p.now = 0.008
+    p.deliver(0)  # Response arrives after 4 ms: RTT 8 ms via Timestamp Echo
+    assert p.c.rtt_ms is not None and abs(p.c.rtt_ms - 8.0) < 0.1
+    assert p.c.ccid.rto == p.c.ccid.config.min_rto  # not the 1 s initial RTO any more
+    p.deliver_all()
+    assert p.s is not None and p.s.rtt_ms is not None

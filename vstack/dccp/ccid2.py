@@ -237,6 +237,10 @@ class Ccid2Sender:
             if not ent.acked and not ent.lost:
                 self._pipe -= 1
 
+    def seed_rtt(self, r: float) -> None:
+        """An RTT measured outside CCID2 (the handshake's Timestamp Echo, RFC 4340 §13)."""
+        self._rtt_sample(r)
+
     def _rtt_sample(self, r: float) -> None:
         r = max(r, 0.0)
         self.stats.rtt_samples += 1

@@ -689,6 +689,8 @@ class DccpConnection:
                     elapsed = (o.elapsed or 0) / _TS_UNITS
                     r = max(0.0, now - sent - elapsed)
                     self._ts_rtt = r if self._ts_rtt is None else 0.875 * self._ts_rtt + 0.125 * r
+                    if self.ccid.srtt is None:
+                        self.ccid.seed_rtt(r)  # handshake RTT: a first RTO before any data
         return True
 
     def _apply_feature(self, where: str, feat: int, value: int) -> None:
