@@ -9,7 +9,11 @@ On a fresh netns testbed, a generator in the edge namespace sends 1500-byte IP p
 
 and reports the median of ``--runs`` runs each: goodput at the sink (UDP payload bits per
 second, and datagrams per second), loss (1 - received/sent), vstack's CPU% (user+system
-of the daemon process over the run) and the ratio vstack/direct.
+of the daemon process over the run) and the ratio vstack/direct. It also prints the CPU
+time per delivered datagram of vstack (vstack runs) and of the generator (direct runs,
+whose ``send`` does the whole kernel path): on a loaded host, where every process gets
+a fair share of the cores, the goodput ratio measures the scheduler as much as vstack;
+``cpu_ratio`` says what each path costs per datagram.
 
 The sink is a UDP socket in the server namespace that is bound and never read: the
 kernel's UDP MIB of that namespace counts every datagram that reached it (``InDatagrams``
@@ -62,7 +66,10 @@ while True:
     if clock() >= end:
         break
 el = clock() - t0
-print(json.dumps({"sent": n - errors, "errors": errors, "elapsed": el}), flush=True)
+import resource
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"sent": n - errors, "errors": errors, "elapsed": el,
+                  "cpu_s": ru.ru_utime + ru.ru_stime}), flush=True)
 """
 
 SINK = r"""
@@ -124,6 +131,10 @@ def _one_run(tb: Any, mode: str, seconds: float, fwmark: int, daemon_pid: int,
         "received": got,
         "loss": max(0.0, 1 - got / gen["sent"]) if gen["sent"] else 0.0,
         "cpu": (c1 - c0) / clk / wall * 100 if mode == "vstack" else 0.0,
+        # CPU time per datagram delivered: vstack's own (vstack runs), the generator's
+        # (direct runs: its send does the whole kernel path, receiver included)
+        "us_per_pkt": ((c1 - c0) / clk if mode == "vstack" else gen["cpu_s"]) / max(got, 1)
+        * 1e6,
     }
 
 
@@ -193,6 +204,11 @@ def throughput(
         "loss": round(med("vstack", "loss"), 4),
         "direct_loss": round(med("direct", "loss"), 4),
         "vstack_cpu_pct": round(med("vstack", "cpu"), 1),
+        "vstack_cpu_us_per_pkt": round(med("vstack", "us_per_pkt"), 2),
+        "direct_cpu_us_per_pkt": round(med("direct", "us_per_pkt"), 2),
+        # if each path had a core of its own: the ratio of the per-datagram CPU costs
+        "cpu_ratio": round(med("direct", "us_per_pkt") / max(med("vstack", "us_per_pkt"),
+                                                              1e-9), 3),
         "runs": runs,
         "seconds": seconds,
         "payload_bytes": PAYLOAD,
@@ -206,3 +222,5 @@ def throughput(
     typer.echo(f"vstack : {out['vstack_gbps']:.2f} Gbit/s {out['vstack_pps'] / 1e3:.1f} kpps "
                f"loss {out['loss'] * 100:.1f}%  CPU {out['vstack_cpu_pct']:.0f}%")
     typer.echo(f"ratio  : {out['ratio']:.3f} (vstack / direct, medians of {runs} runs)")
+    typer.echo(f"CPU per datagram: vstack {out['vstack_cpu_us_per_pkt']:.2f} us, direct "
+               f"generator {out['direct_cpu_us_per_pkt']:.2f} us (ratio {out['cpu_ratio']:.2f})")
