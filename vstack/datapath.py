@@ -98,6 +98,8 @@ class Datapath:
         self.table: FlowTable[FlowKey, StackEngine] = FlowTable(
             idle_timeout=ex.idle_timeout_s, max_flows=ex.max_flows)
         self.metrics_listeners: list[MetricsListener] = []
+        # called once if the TUN fails (the device was deleted): the daemon exits
+        self.on_failure: Callable[[str], None] | None = None
         self._fast4: dict[bytes, Callable[[list[memoryview]], None]] = {}
         self._fast6: dict[bytes, Callable[[list[memoryview]], None]] = {}
         self._wire: dict[bytes, StackEngine] = {}
@@ -371,9 +373,12 @@ class Datapath:
             log.warning("packet error (counted): %s", msg)
 
     def _tun_failed(self, e: OSError) -> None:
-        log.error("reading the TUN failed: %s; the datapath stops", e.strerror)
+        msg = f"reading the TUN failed: {e.strerror}; the datapath stops"
+        log.error("%s", msg)
         if self._loop is not None:
             self._loop.remove_reader(self._fd)
+        if self.on_failure is not None:
+            self.on_failure(msg)
 
     # ------------------------------------------------------------------ timer: metrics, idle
     def _tick(self) -> None:

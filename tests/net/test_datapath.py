@@ -402,3 +402,21 @@ def test_setup_failures_are_clear_and_leave_nothing(tmp_path) -> None:
                              sys.executable, "-m", "vstack", "run"], check=False, timeout=30)
         assert p.returncode != 0 and "must run as root" in p.stderr, p.stderr[-500:]
         assert _leftovers(tb, "vstk0") == []
+
+
+def test_only_the_configured_prefixes_enter_the_tun(tmp_path) -> None:
+    with Testbed(prefix="vr") as tb:
+        l1, l2 = tb.links
+        cfg = ('[vnic]\nname = "vstk0"\naddress6 = ""\nroutes = ["10.201.2.0/24"]\n'
+               "[execution]\nmetrics_interval_s = 0.2\n")
+        d = Daemon(tb, tmp_path, cfg).start()
+        echo = tb.popen(tb.server, [sys.executable, "-c", ECHO, f"{l1.server4}:9000",
+                                    f"{l2.server4}:9000"], stdout=subprocess.PIPE, text=True)
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+        for host in (l1.server4, l2.server4):
+            r = _client(tb, host, 100)
+            assert r["unique"] == 100 and r["wrong_src"] == 0
+        d.wait_log(f"->{l2.server4}:9000 created")
+        assert f"->{l1.server4}:9000 created" not in d.text()  # routed directly
+        assert "table 22100" not in tb.run(tb.edge, ["ip", "-6", "rule"]).stdout
+        assert d.stop() == 0

@@ -65,19 +65,26 @@ def serve(cfg: Config, config_path: Path | None = None) -> int:
         return 1
     removed: list[str] = []
     try:
-        asyncio.run(_serve(cfg, config_path, vnic))
+        code = asyncio.run(_serve(cfg, config_path, vnic))
     finally:
         removed = vnic.close()
         log.info("stopped; removed %s", ", ".join(removed) or "nothing")
-    return 0
+    return code
 
 
-async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> None:
+async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
     from vstack.datapath import Datapath
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     dp = Datapath(cfg)
+    failed: list[str] = []
+
+    def on_failure(msg: str) -> None:
+        failed.append(msg)
+        stop.set()
+
+    dp.on_failure = on_failure
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -118,6 +125,10 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> None:
         s = dp.stats()
         dp.close()
         log.info("final counters %s", " ".join(f"{k}={v}" for k, v in s.items()))
+    if failed:
+        typer.echo(f"vstack: error: {failed[0]}", err=True)
+        return 1
+    return 0
 
 
 @app.command()
