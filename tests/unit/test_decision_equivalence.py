@@ -107,3 +107,20 @@ def test_strings_beyond_ascii_and_escapes(value: str) -> None:
         ref, dur, _, _ = both(index, "mgmt.x", {"who": who})
         assert ref == expect
         assert dur == expect
+
+
+@pytest.mark.parametrize(("raw", "expect"), [
+    ({"loss": 2e-05, "rate_bps": 1e21}, ["tiny", "huge"]),
+    ({"loss": 1e-06, "rate_bps": 1e19}, []),
+    ({"loss": float("nan"), "rate_bps": float("inf")}, ["huge"]),  # nan -> 0.0, inf -> max
+    ({"loss": "garbage", "rate_bps": 5}, []),
+])
+def test_floats_durable_cannot_read_from_json_dumps(raw: dict[str, Any],
+                                                    expect: list[str]) -> None:
+    src = ("rule tiny: on flow.metrics if loss > 1e-05 then use_stack(dccp)\n"
+           "rule huge: on flow.metrics if rate_bps >= 1e20 then use_stack(tcp)\n")
+    index = RuleIndex(parse_rules(src, "f.rules"))
+    ref, dur, ref_eff, dur_eff = both(index, "flow.metrics", raw)
+    assert ref == expect
+    assert dur == expect
+    assert ref_eff == dur_eff

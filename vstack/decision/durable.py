@@ -16,12 +16,17 @@ Mapping (see docs/rules.md):
   fact ``p<k>`` (``RuleIndex.prefix_tests``) before asserting;
 * a ``$or`` makes durable fire the rule once per true branch: matches are de-duplicated.
 
-durable-rules cannot unregister a ruleset from a ``Host``, and its rulesets live in the
-C engine (about 200 KB each): every reload names a new ruleset ``vstack_<hash>_<n>`` on a
-fresh ``Host`` and ``close()`` frees the old one with the engine's ``delete_ruleset``.
-``Host`` normally starts two ``threading.Timer`` loops (dispatch and timers); ours
-overrides ``_run`` so none start - actions are collected synchronously and vstack's timers
-are the engine's, sans-IO.
+The compiled ruleset is loaded straight into durable-rules' engine
+(``durable_rules_engine``, the C core under ``durable.engine.Host``), and events are matched
+through the same calls ``durable.engine.Ruleset`` makes, without its ``Closure``/state
+round trips. We do not go through ``Host`` because (1) ``Host`` starts two
+``threading.Timer`` loops (dispatch and timers) - vstack's timers are the engine's, sans-IO;
+(2) ``Host`` cannot unregister a ruleset, and every ruleset lives in the C engine (about
+130-200 KB each); (3) ``Host`` serialises with ``json.dumps``, whose floats without a
+fraction (``1e-05``, ``1e+20``) durable's own JSON parser rejects (error 204), so we
+serialise ourselves (``to_json``: ``1.0e-05``). Every reload names a new ruleset
+``vstack_<hash>_<n>`` (a version suffix) and ``close()`` frees the old one with the
+engine's ``delete_ruleset``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import durable_rules_engine as _dre
-from durable.engine import Host
 
 from vstack.decision import ast as A
 from vstack.decision.evaluator import RuleIndex, _in_networks, eval_cond
@@ -46,15 +50,49 @@ _counter = itertools.count(1)
 Json = Any  # a durable condition (dict), or True/False before folding away
 
 
-class _QuietHost(Host):
-    """A durable ``Host`` that starts no timer threads."""
+def _float(v: float) -> str:
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"durable-rules cannot represent {v!r}")
+    r = repr(v)
+    if "e" in r:
+        mant, _, exp = r.partition("e")
+        if "." not in mant:
+            r = f"{mant}.0e{exp}"
+    return r
 
-    def _run(self) -> None:
-        return None
+
+def to_json(v: Any) -> str:
+    """JSON as durable-rules' parser reads it (floats always with a fraction)."""
+    t = type(v)
+    if t is str:
+        return json.dumps(v, ensure_ascii=False)
+    if t is bool:
+        return "true" if v else "false"
+    if t is int:
+        return str(v)
+    if t is float:
+        return _float(v)
+    if v is None:
+        return "null"
+    if isinstance(v, Mapping):
+        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{to_json(x)}"
+                              for k, x in v.items()) + "}"
+    if isinstance(v, list | tuple):
+        return "[" + ",".join(to_json(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(int(v))
+    if isinstance(v, float):
+        return _float(float(v))
+    if isinstance(v, str):
+        return json.dumps(str(v), ensure_ascii=False)
+    raise TypeError(f"cannot send {t.__name__} to durable-rules")
 
 
-def _noop(c: Any) -> None:  # pragma: no cover - never run: we drive the C engine
-    return None
+def _odd_float(v: Any) -> bool:
+    """A float json.dumps would write in a form durable cannot read."""
+    return type(v) is float and v != 0.0 and not 1e-4 <= abs(v) < 1e16
 
 
 def fkey(name: str) -> str:
@@ -170,11 +208,7 @@ class DurableBackend:
         self._rank = {r.name: i for i, r in enumerate(
             r for ev in index.event_types() for r in index.rules_for(ev))}
         if definition:
-            runnable = {k: {**v, "run": _noop} for k, v in definition.items()}
-            self._host: Host | None = _QuietHost({self.ruleset_name: runnable})
-            self._handle = self._host.get_ruleset(self.ruleset_name)._handle
-        else:
-            self._host = None
+            self._handle = _dre.create_ruleset(self.ruleset_name, to_json(definition))
 
     def message(self, event_type: str, facts: Mapping[str, Any]) -> dict[str, Any]:
         msg: dict[str, Any] = {"id": next(self._ids), "etype": event_type}
@@ -188,7 +222,11 @@ class DurableBackend:
         h = self._handle
         if h is None or event_type not in self._keys:
             return []
-        text = json.dumps(self.message(event_type, facts), ensure_ascii=False)
+        msg = self.message(event_type, facts)
+        if any(_odd_float(v) for v in msg.values()):
+            text = to_json(msg)
+        else:
+            text = json.dumps(msg, ensure_ascii=False)
         res = _dre.assert_fact(h, text)
         if res[0] != 0:  # 1: no rule matched (nothing stored)
             return []
@@ -221,7 +259,6 @@ class DurableBackend:
         if self._handle is not None:
             _dre.delete_ruleset(self._handle)
             self._handle = None
-        self._host = None
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown

@@ -16,6 +16,8 @@ the event's field wins (``route.change``'s ``dst`` is the route's).
 from __future__ import annotations
 
 import ipaddress
+import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -116,16 +118,27 @@ def coerce(value: Any, t: str) -> Any:
         if t == "int":
             return value if type(value) is int else int(value)
         if t == "float":
-            return value if type(value) is float else float(value)
+            return _finite(value if type(value) is float else float(value))
         if t == "num":
-            return value if type(value) in (int, float) else float(value)
+            if type(value) is int:
+                return value
+            return _finite(value if type(value) is float else float(value))
         if t == "bool":
             return value if type(value) is bool else str(value).lower() in ("1", "true", "yes")
         if t == "addr":
             return canonical_addr(value) if value != "" else ""
         return value if type(value) is str else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return TYPE_DEFAULTS.get(t, "")
+
+
+def _finite(v: float) -> float:
+    """NaN -> 0.0 and infinities -> the largest float: rules compare finite numbers."""
+    if v != v:
+        return 0.0
+    if v in (math.inf, -math.inf):
+        return math.copysign(sys.float_info.max, v)
+    return v
 
 
 def referenced_fields(rules: tuple[A.Rule, ...], params: Mapping[str, Any]) -> dict[str, str]:

@@ -44,7 +44,8 @@ SETS = (A.SetDef("core", A.SetLit((A.Literal("prefix", ipaddress.ip_network("10.
 num_lit = st.one_of(
     st.integers(-5, 70000).map(lambda v: A.Literal("int", v)),
     st.sampled_from([0, 53, 123, 1500, -1]).map(lambda v: A.Literal("int", v)),
-    st.sampled_from([0.0, 0.25, 0.5, -1.0, 53.0, 1e-3, 2.5]).map(lambda v: A.Literal("float", v)),
+    st.sampled_from([0.0, 0.25, 0.5, -1.0, 53.0, 1e-3, 2.5, 1e-05, -2e-07, 1e20, 1.5e16]).map(
+        lambda v: A.Literal("float", v)),
     st.sampled_from([0.5, 2.0]).map(lambda v: A.Literal("duration", v)),
 )
 str_lit = st.sampled_from(STR_VALUES).map(lambda v: A.Literal("str", v))
@@ -131,7 +132,8 @@ def rulesets(draw: st.DrawFn, max_rules: int = 6) -> A.RuleSet:
 def _value_for(name: str, event: str) -> st.SearchStrategy[Any]:
     if name in NUM_FIELDS[event]:
         return st.one_of(st.integers(-5, 70000), st.sampled_from([0, 53, 123, 1500, -1]),
-                         st.sampled_from([0.0, 0.25, 0.5, -1.0, 53.0, 1e-3, 2.5]))
+                         st.sampled_from([0.0, 0.25, 0.5, -1.0, 53.0, 1e-3, 2.5, 1e-05, 3e-07,
+                                          1e20, 1.5e16, float("nan"), float("inf")]))
     if name in ADDR_FIELDS[event]:
         return st.sampled_from([*ADDR_VALUES, "10.200.0.1", "fd00::abcd", ""])
     return st.sampled_from(STR_VALUES)
