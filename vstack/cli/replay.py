@@ -19,7 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from learning.cli import app as learn_app
-from vstack.cli.app import app
+from vstack.cli.app import app, bench_app
 
 db_app = typer.Typer(help="The decision log database (SQLite by default; any SQLAlchemy URL).",
                      no_args_is_help=True)
@@ -274,3 +274,84 @@ def replay_cmd(
         else:
             out.print(f"(run {compare_run} has too few measured outcomes to estimate utility)")
     sys.stdout.flush()
+
+
+@bench_app.command("log")
+def bench_log(
+    records: int = typer.Option(20_000, min=100, help="Records per run."),
+    runs: int = typer.Option(5, min=1, help="Alternating runs (medians are printed)."),
+    db_url: str = typer.Option(None, "--db", help="Database (default: a temporary SQLite)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Cost of the decision log on the packet path: per-record enqueue time with the
+    database up and while it is locked (drops), against a NullSink; write throughput."""
+    import sqlite3
+    import statistics
+    import tempfile
+    import time
+
+    from vstack.analysis.flowkey import FlowKey
+    from vstack.decision.events import Event
+    from vstack.execution.selector import Decision
+    from vstack.log import DecisionSink, NullSink
+    from vstack.log.writer import LogWriter, RunInfo
+
+    keys = [FlowKey(17, "10.0.0.1", 1024 + i, "10.201.1.2", 9000) for i in range(1000)]
+    evs = [Event("flow.metrics", float(i), {"loss": 0.01, "rate_bps": 1e6}, keys[i % 1000])
+           for i in range(records)]
+    dec = Decision(stack="udp", rule="r", facts={"dport": 9000})
+    metrics = {"packets": 10, "bytes": 1000, "rate_bps": 8e3, "loss": 0.0, "rtt_ms": -1.0,
+               "interval_s": 1.0}
+
+    def feed(sink: DecisionSink) -> float:
+        t0 = time.perf_counter()
+        for i, ev in enumerate(evs):
+            k = keys[i % 1000]
+            if i % 3 == 0:
+                sink.event(ev)
+            elif i % 3 == 1:
+                sink.decision(k, dec, float(i))
+            else:
+                sink.outcome(k, "udp", float(i), metrics)
+        return (time.perf_counter() - t0) / len(evs) * 1e9
+
+    tmp = tempfile.mkdtemp(prefix="vstack-bench-log-")
+    res: dict[str, list[float]] = {"null_ns": [], "up_ns": [], "down_ns": [],
+                                   "write_per_s": []}
+    for r in range(runs):
+        res["null_ns"].append(feed(NullSink()))
+        path = f"{tmp}/up{r}.sqlite"
+        url = db_url or path
+        w = LogWriter(url, RunInfo(kind="bench"), queue_max=max(records * 2, 100_000))
+        t0 = time.perf_counter()
+        res["up_ns"].append(feed(w))
+        w.flush(120.0)
+        res["write_per_s"].append(records / (time.perf_counter() - t0))
+        w.close()
+        dpath = f"{tmp}/down{r}.sqlite"
+        w = LogWriter(f"sqlite:///{dpath}?timeout=0.01", RunInfo(kind="bench"),
+                      queue_max=1000, retry_max=0.5)
+        lock = sqlite3.connect(dpath, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        res["down_ns"].append(feed(w))
+        dropped = w.dropped
+        lock.execute("ROLLBACK")
+        lock.close()
+        w.close()
+    med = {k: round(statistics.median(v), 1) for k, v in res.items()}
+    med["up_over_null"] = round(med["up_ns"] / med["null_ns"], 2)
+    med["down_dropped_last_run"] = dropped
+    med["records"] = records
+    if as_json:
+        typer.echo(json.dumps(med, indent=2))
+        return
+    t = Table(title=f"decision log cost ({runs} runs x {records} records, medians)")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("NullSink, ns/record", str(med["null_ns"]))
+    t.add_row("LogWriter (db up), ns/record", str(med["up_ns"]))
+    t.add_row("LogWriter (db locked: drops), ns/record", str(med["down_ns"]))
+    t.add_row("LogWriter / NullSink", str(med["up_over_null"]))
+    t.add_row("written, records/s", str(med["write_per_s"]))
+    t.add_row("dropped while locked (last run)", str(dropped))
+    Console().print(t)

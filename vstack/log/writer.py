@@ -151,15 +151,21 @@ def create_run(engine: Engine, info: RunInfo) -> int:
 
 
 def _unavailable(e: BaseException) -> bool:
-    """Is this the database being unavailable (retry later) rather than a bad record?"""
-    return isinstance(e, OperationalError | InterfaceError | DisconnectionError | PoolTimeout
-                      | OSError) or bool(getattr(e, "connection_invalidated", False))
+    """Is this the database being unavailable (retry later) rather than a bad record?
+    SQLAlchemy's wrappers, or the driver's own PEP 249 errors on the SQLite fast path."""
+    if isinstance(e, OperationalError | InterfaceError | DisconnectionError | PoolTimeout
+                  | OSError) or getattr(e, "connection_invalidated", False):
+        return True
+    return any(c.__name__ in ("OperationalError", "InterfaceError") for c in type(e).__mro__)
 
 
 def _msg(e: BaseException) -> str:
     text = str(getattr(e, "orig", None) or e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
+
+_JSON_COLUMNS = {"events": frozenset({"fields"}), "decisions": frozenset({"facts"}),
+                 "flows": frozenset({"features"})}
 
 # Queue record kinds (first element of the tuple).
 _EVENT, _DECISION, _OUTCOME, _FLOW = 0, 1, 2, 3
@@ -208,6 +214,7 @@ class LogWriter:
         self._closed = False
         self._last_event: Event | None = None
         self._last_decision: Decision | None = None
+        self._sqlite = self.engine.dialect.name == "sqlite"
         self._thread = threading.Thread(target=self._run, name="vstack-log-writer", daemon=True)
         self._thread.start()
 
@@ -382,6 +389,45 @@ class LogWriter:
         for key, row in new_flows.items():
             if key in seen:
                 row["last_seen"] = max(row["last_seen"], seen.pop(key))
+        if self._sqlite:
+            self._write_sqlite(events, decisions, outcomes, list(new_flows.values()), seen)
+        else:
+            self._write_core(events, decisions, outcomes, list(new_flows.values()), seen)
+        for key, row in new_flows.items():
+            self._flows[key] = row["last_seen"]
+        self._flows.update(seen)
+
+    def _write_sqlite(self, events: list[dict[str, Any]], decisions: list[dict[str, Any]],
+                      outcomes: list[dict[str, Any]], flows: list[dict[str, Any]],
+                      seen: dict[str, float]) -> None:
+        """The same rows through the driver's ``executemany`` (SQLite: 4-5x less CPU than
+        SQLAlchemy's per-row parameter processing, which this thread would take from the
+        packet path through the GIL). JSON columns are stored as SQLAlchemy's JSON type
+        stores them (JSON text)."""
+        with self.engine.begin() as conn:
+            cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                for table, rows in (("events", events), ("decisions", decisions),
+                                    ("outcomes", outcomes), ("flows", flows)):
+                    if not rows:
+                        continue
+                    cols = list(rows[0])
+                    js = _JSON_COLUMNS.get(table, frozenset())
+                    names = ", ".join(f'"{c}"' for c in cols)
+                    marks = ", ".join("?" * len(cols))
+                    sql = f"INSERT INTO {table} ({names}) VALUES ({marks})"
+                    cur.executemany(sql, [tuple(json.dumps(r[c]) if c in js else r[c]
+                                                for c in cols) for r in rows])
+                if seen:
+                    cur.executemany("UPDATE flows SET last_seen = ? WHERE run_id = ? AND key = ?",
+                                    [(t, self.run_id, k) for k, t in seen.items()])
+            finally:
+                cur.close()
+
+    def _write_core(self, events: list[dict[str, Any]], decisions: list[dict[str, Any]],
+                    outcomes: list[dict[str, Any]], flows_rows: list[dict[str, Any]],
+                    seen: dict[str, float]) -> None:
+        run = self.run_id
         with self.engine.begin() as conn:
             if events:
                 conn.execute(insert(EventRow), events)
@@ -389,8 +435,8 @@ class LogWriter:
                 conn.execute(insert(DecisionRow), decisions)
             if outcomes:
                 conn.execute(insert(Outcome), outcomes)
-            if new_flows:
-                conn.execute(insert(Flow), list(new_flows.values()))
+            if flows_rows:
+                conn.execute(insert(Flow), flows_rows)
             if seen:
                 flows = cast(Table, Flow.__table__)
                 conn.execute(
@@ -399,9 +445,6 @@ class LogWriter:
                     .where(flows.c.key == bindparam("b_key"))
                     .values(last_seen=bindparam("b_last")),
                     [{"b_run": run, "b_key": k, "b_last": t} for k, t in seen.items()])
-        for key, row in new_flows.items():
-            self._flows[key] = row["last_seen"]
-        self._flows.update(seen)
 
 
 def dumps(value: Any) -> str:
