@@ -131,3 +131,54 @@ DccpPairMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestDccpPair = DccpPairMachine.TestCase
+
+
+class DccpCloseMachine(DccpPairMachine):
+    """The same network, and either side closes at some point, under loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed_by: str | None = None
+        # a client that aborts in REQUEST cannot reach a server in RESPOND (it knows no
+        # ackno for a Reset); the server's handshake timeout ends that connection
+        self.p.server_cfg.handshake_timeout = 100.0
+        self.p.listener.config.handshake_timeout = 100.0
+
+    @precondition(lambda self: self.closed_by is None)
+    @rule(side=st.sampled_from(["c", "s"]))
+    def close(self, side: str) -> None:
+        conn = self.p.c if side == "c" else self.p.s
+        if conn is None:
+            return
+        conn.close(self.p.now)
+        self.closed_by = side
+        self.p.collect()
+
+    @invariant()
+    def no_local_or_remote_errors(self) -> None:
+        pass  # a close under loss may legitimately end with Reset(No Connection) etc.
+
+    def teardown(self) -> None:
+        p = self.p
+        if self.closed_by is None:
+            p.c.close(p.now)
+        p.settle(max_time=2000.0)
+        conns = [("c", p.c)] + ([("s", p.s)] if p.s is not None else [])
+        for name, conn in conns:
+            assert conn.is_closed, (name, conn.state)
+            assert conn.next_timer() is None or conn.state == State.TIMEWAIT
+            evs = p.events[name]
+            if evs:
+                assert type(evs[-1]).__name__ == "ConnectionClosed", evs[-3:]
+                assert sum(type(e).__name__ == "ConnectionClosed" for e in evs) == 1
+            got = p.delivered(name)
+            assert len(got) == len(set(got))
+
+
+DccpCloseMachine.TestCase.settings = settings(
+    max_examples=40,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestDccpClose = DccpCloseMachine.TestCase
