@@ -409,3 +409,18 @@ def test_action_decisions_logged_unless_turned_off_and_timer_hook(backend: str) 
     eng2.submit(Event("flow.metrics", 0.5, {"loss": 0.5}, F1), 0.5)
     assert act2.switches() == [(F1, "dccp")]
     assert [d.stack for _, d, _ in sink2.decisions] == ["udp"]  # only decide()'s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flows_the_actuator_no_longer_lists_are_forgotten(backend: str) -> None:
+    eng, act, _ = make("""
+        rule start: on flow.new then use_stack(udp)
+        rule flip: on timer.t if stack == "udp" then use_stack(dccp)
+    """, backend)
+    start(eng, act, F1)
+    start(eng, act, F2)
+    del act.table[F2]  # the datapath expired F2
+    eng.submit(Event("timer.t", 1.0, {"name": "t"}), 1.0)
+    assert act.switches() == [(F1, "dccp")]
+    assert eng.flow_state(F2) is None
+    assert eng.stats["flows_pruned"] == 1

@@ -157,6 +157,8 @@ def bench_decide(
     """Latency from a flow's first packet to its Decision; events/s; reload RSS."""
     if n < 1:
         raise typer.BadParameter("--n must be >= 1")
+    if backend not in ("both", "durable", "reference"):
+        raise typer.BadParameter("--backend is durable, reference or both")
     backends = ["durable", "reference"] if backend == "both" else [backend]
     results: dict[str, Any] = {"rules": rules, "goal_median_us": 100}
     for b in backends:

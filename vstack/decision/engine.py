@@ -215,6 +215,11 @@ class DecisionEngine:
                     f = self._flows[info.key] = _Flow(flow_facts(info.key))
                 f.stack, f.iface, f.target = info.stack, info.interface or "", info.target
                 live[info.key] = f
+            # The actuator's table is the truth: a flow it no longer lists has ended (the
+            # datapath adds a flow right after decide(), on the same loop thread).
+            for gone in [k for k in self._flows if k not in live]:
+                self.forget(gone)
+                self.stats["flows_pruned"] += 1
             return live
         return dict(self._flows)
 
