@@ -100,6 +100,9 @@ class Datapath:
         self.metrics_listeners: list[MetricsListener] = []
         # called once if the TUN fails (the device was deleted): the daemon exits
         self.on_failure: Callable[[str], None] | None = None
+        # packet tap (the trace recorder): tap(packet, now, "app->net" | "net->app") for
+        # every packet read from / written to the TUN; None (the default) costs one test
+        self.tap: Callable[[bytes, float, str], None] | None = None
         self._fast4: dict[bytes, Callable[[list[memoryview]], None]] = {}
         self._fast6: dict[bytes, Callable[[list[memoryview]], None]] = {}
         self._wire: dict[bytes, StackEngine] = {}
@@ -160,6 +163,7 @@ class Datapath:
         fast4 = self._fast4
         fast6 = self._fast6
         batch = self._batch
+        tap = self.tap
         n = fast = batched = 0
         # consecutive fast-path datagrams of one flow and one size are handed to the stack
         # together (UDP: one sendmsg with UDP_SEGMENT); anything else flushes them first,
@@ -177,6 +181,8 @@ class Datapath:
                 break
             n += 1
             try:
+                if tap is not None:
+                    tap(pkt, time.time(), "app->net")
                 b0 = pkt[0]
                 f = None
                 if b0 == 0x45:
@@ -292,7 +298,8 @@ class Datapath:
             self.sink.decision(key, d, now)
         except Exception as err:
             self._count_error(err)
-        ep = Endpoint(key, self._write) if c.proto == UDP else None
+        ep = Endpoint(key, self._write_tapped if self.tap is not None else self._write
+                      ) if c.proto == UDP else None
         loop = self._loop or asyncio.get_event_loop()
         e = StackEngine(key, loop=loop, nat=self.nat, fwmark=self.config.vnic.fwmark,
                         endpoint=ep, stack_options=self._stack_options, created=now,
@@ -330,6 +337,15 @@ class Datapath:
         flowlog.info("flow %s created: stack=%s target=%s rule=%s", key,
                      e.stack_name or "drop", _fmt_target(e.target), e.rule or "-")
         return e
+
+    def _write_tapped(self, pkt: bytes) -> int:
+        tap = self.tap
+        if tap is not None:
+            try:
+                tap(pkt, time.time(), "net->app")
+            except Exception as e:
+                self._count_error(e)
+        return self._write(pkt)
 
     def _stack_options(self, name: str) -> Mapping[str, Any]:
         opts: dict[str, Any] = {"queue_max": self.config.execution.queue_max}

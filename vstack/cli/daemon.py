@@ -2,7 +2,10 @@
 
 ``vstack run [--config FILE] [--stack NAME]`` creates the VNIC, routes the configured
 prefixes through it, and runs until SIGTERM/SIGINT; SIGHUP reloads the configuration file
-(NAT map and default stack, applied to live flows). It logs a line per flow created,
+(NAT map and default stack, applied to live flows) and the rules file. ``[decision] rules``
+puts the rule engine in charge (selector for new flows, ``flow.metrics``/``flow.idle``
+events, timers, actions through the datapath's Actuator); ``[log] db`` / ``record`` open
+the decision log and the packet/event trace. It logs a line per flow created,
 switched or expired, and the datapath counters every metrics interval (when they moved).
 Everything it added to the host is removed on the way out; after a crash, at the next
 start.
@@ -32,6 +35,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema checks at start
 
 
 def _fail(msg: str, code: int = 1) -> typer.Exit:
@@ -72,12 +76,58 @@ def serve(cfg: Config, config_path: Path | None = None) -> int:
     return code
 
 
+def _open_sink(cfg: Config) -> Any:
+    """``[log]``: the decision log (``db``) and the trace recorder (``record``)."""
+    if not cfg.log.db and not cfg.log.record:
+        return None
+    from vstack.log.recorder import open_sink
+
+    return open_sink(cfg.log.db, {"config": cfg.vnic.name}, cfg.log.record)
+
+
+def _open_engine(cfg: Config, sink: Any) -> tuple[Any, Any]:
+    """``[decision] rules``: the rule engine (a StackSelector) and its file."""
+    if not cfg.decision.rules:
+        return None, None
+    from vstack.decision.engine import RulesFile
+
+    rules = RulesFile(cfg.decision.rules)
+    engine = rules.engine(None, sink, backend=cfg.decision.backend,
+                          exploration=cfg.decision.exploration)
+    return engine, rules
+
+
 async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
     from vstack.datapath import Datapath
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    dp = Datapath(cfg)
+    try:
+        sink = _open_sink(cfg)
+    except Exception as e:
+        typer.echo(f"vstack: error: log.db / log.record: {e}", err=True)
+        return 1
+    try:
+        engine, rules = _open_engine(cfg, sink)
+    except Exception as e:
+        if sink is not None:
+            sink.close()
+        typer.echo(f"vstack: error: decision.rules: {e}", err=True)
+        return 1
+    dp = Datapath(cfg, engine, sink)
+    driver = None
+    if engine is not None:
+        from vstack.decision.driver import EngineDriver
+
+        engine.actuator = dp
+        dp.metrics_listeners.append(lambda ev: engine.submit(ev, ev.time))
+        driver = EngineDriver(engine, rules)
+        driver.start()
+        log.info("decision: rules %s (version %s)", cfg.decision.rules, engine.rules_version)
+    recorder = getattr(sink, "recorder", None)
+    if recorder is not None:
+        dp.tap = recorder.packet
+        log.info("recording packet headers and events to %s", cfg.log.record)
     failed: list[str] = []
 
     def on_failure(msg: str) -> None:
@@ -99,6 +149,8 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
                 log.error("SIGHUP: configuration not reloaded: %s", e)
                 return
             dp.reload(new)
+            if driver is not None:
+                driver.reload()
             try:
                 vnic.update_nat(new.nat)
             except Exception as e:
@@ -124,6 +176,13 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
     finally:
         s = dp.stats()
         dp.close()
+        if driver is not None:
+            driver.stop()
+        if sink is not None:
+            try:
+                sink.close()
+            except Exception as e:
+                log.error("closing the decision log: %s", e)
         log.info("final counters %s", " ".join(f"{k}={v}" for k, v in s.items()))
     if failed:
         typer.echo(f"vstack: error: {failed[0]}", err=True)
