@@ -547,6 +547,7 @@ class ReplayStats:
     timers: int = 0
     decisions: int = 0
     problems: int = 0
+    expired: int = 0  # flows idle past --idle-timeout (the next packet opens a new flow)
     stacks: dict[str, int] = field(default_factory=dict)  # flow.new decisions per stack
 
     def as_dict(self) -> dict[str, Any]:
@@ -634,8 +635,10 @@ class Replayer:
 
     MAX_TIMERS_PER_STEP = 100_000
 
-    def __init__(self, engine_factory: EngineFactory, sink: DecisionSink | None = None) -> None:
+    def __init__(self, engine_factory: EngineFactory, sink: DecisionSink | None = None, *,
+                 idle_timeout: float | None = None) -> None:
         self.sink: DecisionSink = sink if sink is not None else NullSink()
+        self.idle_timeout = idle_timeout
         self.flows: dict[FlowKey, _FlowState] = {}
         self.decisions: list[ReplayedDecision] = []
         self.stats = ReplayStats()
@@ -693,6 +696,10 @@ class Replayer:
             return
         key = cls.key
         flow = self.flows.get(key)
+        if flow is not None and self.idle_timeout is not None \
+                and now - flow.last_seen > self.idle_timeout:
+            self._expire(flow)
+            flow = None
         if flow is None and item.direction is None:
             # a pcap has no direction: a packet of a known flow seen from the network side
             # (reversed 5-tuple; for ICMP echo, the same identifier) is a reply
@@ -725,6 +732,14 @@ class Replayer:
         flow.interface = d.interface or flow.interface
         flow.rule = d.rule or ""
         st.stacks[d.stack or ""] = st.stacks.get(d.stack or "", 0) + 1
+
+    def _expire(self, flow: _FlowState) -> None:
+        """The flow was idle past the timeout: forget it, as the datapath would have."""
+        del self.flows[flow.key]
+        self.stats.expired += 1
+        forget = getattr(self.engine, "forget", None)
+        if callable(forget):
+            forget(flow.key)
 
     def event(self, item: TraceEvent) -> None:
         ev = item.event
@@ -772,11 +787,15 @@ def engine_factory(ruleset: Any, *, backend: str = "durable", exploration: float
 
 def replay(trace: str | os.PathLike[str] | Iterable[TraceItem], engine_factory: EngineFactory,
            *, sink: DecisionSink | None = None, on_problem: ProblemHandler | None = None,
-           progress: Callable[[int, int], None] | None = None) -> ReplayResult:
+           progress: Callable[[int, int], None] | None = None,
+           idle_timeout: float | None = None) -> ReplayResult:
     """Replay ``trace`` (a path, or items already read) and return its decisions.
 
-    ``progress(position, size)`` is called every few hundred items when reading a file."""
-    replayer = Replayer(engine_factory, sink)
+    ``progress(position, size)`` is called every few hundred items when reading a file.
+    ``idle_timeout``: a flow idle longer than this is forgotten, and its next packet opens
+    a new flow (a new decision), as the datapath's idle expiry does; None: flows never
+    expire."""
+    replayer = Replayer(engine_factory, sink, idle_timeout=idle_timeout)
     problems: list[TraceProblem] = []
     if isinstance(trace, str | os.PathLike):
         reader = TraceReader(trace, on_problem)

@@ -490,3 +490,17 @@ def test_any_text_as_jsonl_never_crashes(tmp_path_factory: pytest.TempPathFactor
     p.write_text(text)
     res, probs = _run(p, ruleset, backend="reference")
     assert res.stats.problems == len(probs)
+
+
+def test_idle_timeout_reopens_flows(tmp_path: Path, ruleset) -> None:
+    """With --idle-timeout, a 5-tuple that comes back after being idle is a new flow."""
+    p = tmp_path / "idle.pcap"
+    ip = build_udp("10.0.0.1", "10.201.1.2", 5000, 9000, b"a")
+    _write_pcap(p, [(1000.0, ip), (1010.0, ip), (1100.0, ip)], 101)
+    never, _ = _run(p, ruleset, backend="reference")
+    assert never.stats.flows == 1 and never.stats.expired == 0
+    problems: list[TraceProblem] = []
+    res = replay(p, engine_factory(ruleset, backend="reference"), on_problem=problems.append,
+                 idle_timeout=30.0)
+    assert res.stats.flows == 2 and res.stats.expired == 1
+    assert [d.time for d in res.decisions if d.cause == "flow.new"] == [1000.0, 1100.0]

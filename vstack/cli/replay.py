@@ -128,6 +128,9 @@ def replay_cmd(
     show_flows: int = typer.Option(30, help="--compare: list at most this many changed flows."),
     lam: float = typer.Option(10.0, "--lambda", help="--compare: utility = goodput_mbps - "
                               "λ·loss, estimated from the compared run's outcomes."),
+    idle_timeout: float = typer.Option(None, "--idle-timeout", min=0.0,
+                                       help="Forget flows idle this long (s), as the "
+                                            "datapath does (default: never)."),
 ) -> None:
     """Replay a trace through the classifier and the decision engine, deterministically."""
     import db
@@ -189,7 +192,8 @@ def replay_cmd(
         try:
             result = replay(trace, engine_factory(rs, backend=backend, exploration=exploration,
                                                   seed=seed),
-                            sink=sink, on_problem=on_problem, progress=progress)
+                            sink=sink, on_problem=on_problem, progress=progress,
+                            idle_timeout=idle_timeout)
         except KeyboardInterrupt:
             if writer is not None:
                 writer.close()
@@ -243,7 +247,8 @@ def replay_cmd(
                        ("recorded flow.new/timer events (regenerated)", st.events_regenerated),
                        ("timers fired", st.timers), ("decisions", st.decisions),
                        ("non-IP frames", st.non_ip), ("malformed packets", st.malformed),
-                       ("orphan replies", st.orphans), ("trace problems (skipped)", st.problems)):
+                       ("orphan replies", st.orphans), ("flows expired (idle)", st.expired),
+                       ("trace problems (skipped)", st.problems)):
         t.add_row(label, str(val))
     for stack, n in sorted(st.stacks.items()):
         t.add_row(f"flows on {stack or '(no stack)'}", str(n))
