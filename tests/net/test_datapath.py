@@ -420,3 +420,24 @@ def test_only_the_configured_prefixes_enter_the_tun(tmp_path) -> None:
         assert f"->{l1.server4}:9000 created" not in d.text()  # routed directly
         assert "table 22100" not in tb.run(tb.edge, ["ip", "-6", "rule"]).stdout
         assert d.stop() == 0
+
+
+def test_rules_engine_and_trace_are_wired(tmp_path) -> None:
+    rules = Path(__file__).resolve().parents[2] / "rules" / "default.rules"
+    trace = tmp_path / "trace.jsonl"
+    with Testbed(prefix="vw") as tb:
+        l1 = tb.links[0]
+        cfg = (f'[execution]\nmetrics_interval_s = 0.2\n[decision]\nrules = "{rules}"\n'
+               f'[log]\nrecord = "{trace}"\n')
+        d = Daemon(tb, tmp_path, cfg).start()
+        echo = tb.popen(tb.server, [sys.executable, "-c", ECHO, f"{l1.server4}:9000"],
+                        stdout=subprocess.PIPE, text=True)
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+        r = _client(tb, l1.server4, 200)
+        assert r["unique"] == 200
+        assert d.stop() == 0
+    assert "created: stack=udp target=10.201.1.2:9000 rule=udp_default" in d.text()
+    lines = [json.loads(ln) for ln in trace.read_text().splitlines()]
+    dirs = [ln["dir"] for ln in lines if ln["kind"] == "packet"]
+    assert dirs.count("app->net") == 200 and dirs.count("net->app") == 200
+    assert any(ln["kind"] == "event" and ln["type"] == "flow.new" for ln in lines)

@@ -275,3 +275,16 @@ def test_any_bytes_are_counted_never_raised(blobs: list[bytes]) -> None:
         assert s["errors"] == 0
         h.dp.close()
     asyncio.run(main())
+
+
+def test_packet_tap_sees_both_directions() -> None:
+    async def main() -> None:
+        h, _, ports = await _setup()
+        seen: list[tuple[str, bytes]] = []
+        h.dp.tap = lambda pkt, now, d: seen.append((d, bytes(pkt)))
+        out = build_udp(APP4, "127.0.0.1", 40008, ports[0], b"tapped")
+        h.send(out)
+        (back,) = await h.replies(1)
+        assert seen == [("app->net", out), ("net->app", back)]
+        h.dp.close()
+    asyncio.run(main())
