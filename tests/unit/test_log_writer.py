@@ -190,3 +190,39 @@ def test_same_object_from_datapath_and_engine_logged_once(tmp_path: Path) -> Non
         w.decision(k, d, float(i))  # datapath again
     w.close()
     assert _count(path, "events") == 2 and _count(path, "decisions") == 2
+
+
+def test_core_path_writes_the_same_rows(tmp_path: Path) -> None:
+    """The SQLAlchemy Core path (used for PostgreSQL and other databases) and the SQLite
+    fast path store the same rows."""
+    rows = {}
+    for fast in (True, False):
+        path = tmp_path / f"p{fast}.sqlite"
+        w = LogWriter(str(path), None)
+        w._sqlite = fast
+        k = _key(5)
+        w.flow_seen(k, {"dport": 9000, "proto": "udp"}, 1.0)
+        w.event(Event("flow.new", 1.0, {"dport": 9000, "x": [1, 2.5, None]}, k))
+        w.decision(k, Decision(stack="udp", rule="r", facts={"a": {"b": 1}},
+                               target=("fd00::1", 9), propensity=0.3, explored=True), 1.0)
+        w.outcome(k, "udp", 2.0, {"packets": 3, "bytes": 300, "rate_bps": 2400.0,
+                                  "loss": 0.5, "rtt_ms": 4.0, "interval_s": 1.0})
+        w.flow_seen(k, {}, 7.0)
+        w.close()
+        assert w.written == 5 and w.rejected == 0
+        con = sqlite3.connect(path)
+        rows[fast] = {t: [tuple(_json_or(v) for v in r[2:])
+                          for r in con.execute(f"SELECT * FROM {t}")]
+                      for t in ("flows", "events", "decisions", "outcomes")}
+        con.close()
+    assert rows[True] == rows[False]
+    assert rows[True]["decisions"][0][7] == "[fd00::1]:9"  # time, flow, rule, ..., target
+
+
+def _json_or(v: object) -> object:
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
