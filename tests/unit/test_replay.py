@@ -388,6 +388,7 @@ def test_recorded_live_run_replays_to_the_same_decisions(tmp_path: Path, ruleset
     sink.event(m)
     sink.outcome(k, "udp", m.time, m.fields)
     eng.submit(m, m.time)
+    assert sink.dropped == 0 and sink.stats()["record"]["packets"] == len(_packets())
     sink.close()
     assert sink.recorder.events == N_FLOWS + 1  # each flow.new once, plus the metrics
     engine = db.open_db(url)

@@ -162,6 +162,17 @@ class RecordingSink:
     def flow_seen(self, flow: FlowKey, features: Mapping[str, Any], now: float) -> None:
         self.inner.flow_seen(flow, features, now)
 
+    @property
+    def dropped(self) -> int:
+        """The inner writer's dropped-record count (0 without a writer)."""
+        return int(getattr(self.inner, "dropped", 0))
+
+    def stats(self) -> dict[str, Any]:
+        """The inner writer's ``stats()`` (if any) plus ``record``: the recorder's."""
+        inner = getattr(self.inner, "stats", None)
+        base: dict[str, Any] = dict(inner()) if callable(inner) else {}
+        return {**base, "record": self.recorder.stats()}
+
     def close(self) -> None:
         self.recorder.close()
         self.inner.close()
