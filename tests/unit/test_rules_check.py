@@ -114,6 +114,11 @@ def test_no_false_shadowing(text: str) -> None:
     assert diags(text) == []
 
 
+def test_for_on_flow_new_is_a_warning() -> None:
+    got = only("rule a: on flow.new if dport == 53 for 2s then use_stack(udp)")
+    assert got.startswith("c.rules:1:1: warning: rule 'a' never fires: 'for'")
+
+
 def test_conflict_at_equal_priority_is_a_warning() -> None:
     text = ('rule a priority 3: on flow.new if dport > 1000 then use_stack(udp)\n'
             'rule b priority 3: on flow.new if dport < 2000 then use_stack(dccp)\n')

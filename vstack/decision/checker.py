@@ -142,6 +142,9 @@ class _Checker:
             self.cond(r.cond, r, fields, free)
         if r.hold is not None and r.hold <= 0:
             self.err(r, "'for' needs a positive duration")
+        elif r.hold is not None and r.event == "flow.new":
+            self.warn(r, f"rule {r.name!r} never fires: 'for' needs the condition to hold over "
+                         "time, and flow.new happens once per flow")
         if r.once_per is not None and r.once_per <= 0:
             self.err(r, "'at most once per' needs a positive duration")
         for a in r.actions:
