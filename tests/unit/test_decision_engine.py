@@ -424,3 +424,33 @@ def test_flows_the_actuator_no_longer_lists_are_forgotten(backend: str) -> None:
     assert act.switches() == [(F1, "dccp")]
     assert eng.flow_state(F2) is None
     assert eng.stats["flows_pruned"] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_examples_rules_decide_as_commented(backend: str) -> None:
+    eng = RulesFile(str(RULES_DIR / "examples.rules")).engine(None, None, backend=backend)
+    dns = eng.decide(new_event(FlowKey(17, "10.0.0.1", 4000, "9.9.9.9", 53)), 0.0)
+    assert (dns.stack, dns.dscp, dns.rule) == ("udp", 46, "dns_raw")
+    media = eng.decide(new_event(FlowKey(17, "10.0.0.1", 4001, "10.3.0.1", 5004)), 0.0)
+    assert (media.stack, media.options, media.rule) == ("dccp", {"ccid": 2}, "media_in_core")
+    media6 = eng.decide(new_event(FlowKey(17, "fd00::1", 4001, "fd00::9", 9000)), 0.0)
+    assert media6.stack == "dccp"
+    outside = eng.decide(new_event(FlowKey(17, "10.0.0.1", 4002, "192.0.2.9", 5006)), 0.0)
+    assert (outside.stack, outside.rule) == ("udp", "media_elsewhere")
+    bulk = eng.decide(new_event(FlowKey(6, "10.0.0.1", 4003, "192.0.2.80", 443)), 0.0)
+    assert bulk.stack == "tcp"
+    big = eng.decide(new_event(FlowKey(6, "10.0.0.1", 4004, "203.0.113.1", 443),
+                               payload_len=1400), 0.0)
+    assert big.stack == "tcp"
+    small = eng.decide(new_event(FlowKey(6, "10.0.0.1", 4005, "203.0.113.1", 443),
+                                 payload_len=100), 0.0)
+    assert small.stack is None  # no rule: the datapath's default
+    telnet = eng.decide(new_event(FlowKey(6, "10.0.0.1", 4006, "203.0.113.1", 23)), 0.0)
+    assert telnet.drop and telnet.rule == "no_telnet"
+    mirror = eng.decide(new_event(FlowKey(17, "10.0.0.1", 4007, "198.51.100.7", 1)), 0.0)
+    assert mirror.target == ("198.51.100.8", 9000)
+    ping = eng.decide(new_event(FlowKey(1, "10.0.0.1", 7, "10.0.0.2", 0)), 0.0)
+    assert ping.stack is None and eng.timers() == {"heartbeat": (60.0, None)}
+    eng.handle_timer(60.0)
+    assert eng.timers() == {}
+    eng.close()
