@@ -584,3 +584,62 @@ def test_unmodified_udp_client_through_the_vnic_over_tcp(tmp_path: Path) -> None
             d.send_signal(signal.SIGTERM)
             rc = d.wait(15)
         assert rc == 0, log.read_text()[-3000:]
+
+
+MPTCP_CLIENT = textwrap.dedent("""
+    import asyncio, json, sys
+    from vstack.execution.stacks.base import StackContext
+    from vstack.execution.stacks.mptcp import MptcpStack
+
+    async def main():
+        host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        got, errs = [], []
+        ctx = StackContext(loop=asyncio.get_running_loop(), family=4, target=(host, port),
+                           deliver=got.append, on_error=errs.append,
+                           options={"rtt_interval": 0.05})
+        st = MptcpStack(ctx)
+        st.open()
+        sent = [i.to_bytes(4, "big") * (1 + i % 300) for i in range(n)]
+        for i, p in enumerate(sent):
+            st.send(p)
+            if i % 100 == 99:
+                await asyncio.sleep(0)
+        for _ in range(2000):
+            if len(got) >= n and st.subflows >= 1:
+                break
+            await asyncio.sleep(0.01)
+        print(json.dumps({"in_order": got == sent, "got": len(got), "subflows": st.subflows,
+                          "negotiated": st.negotiated, "errors": [e.reason for e in errs]}))
+        st.close()
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.root
+@pytest.mark.timeout(120)
+def test_mptcp_opens_a_second_subflow_over_the_second_link() -> None:
+    """The server netns announces its second address (10.201.2.2, on the second veth
+    pair); the edge's path manager adds a subflow to it; the datagrams still arrive
+    exactly once and in order."""
+    if why := mptcp_available():
+        pytest.skip(why)
+    from vstack.testbed import Testbed
+
+    with Testbed(prefix="vm") as tb:
+        l1, l2 = tb.links
+        for ns in (tb.edge, tb.server):
+            tb.run(ns, ["ip", "mptcp", "limits", "set", "subflows", "2",
+                        "add_addr_accepted", "2"])
+        tb.run(tb.server, ["ip", "mptcp", "endpoint", "add", l2.server4, "dev",
+                           l2.server_if, "signal"])
+        echo = tb.popen(tb.server, [sys.executable, "-c",
+                                    FRAMED_ECHO.replace("echo=True", "echo=True, mptcp=True")],
+                        stdout=subprocess.PIPE, text=True)
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+        p = tb.run(tb.edge, [sys.executable, "-c", MPTCP_CLIENT, l1.server4, "9100", str(N)],
+                   timeout=60)
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["in_order"] and r["got"] == N, r
+    assert r["negotiated"] is True and r["errors"] == [], r
+    assert r["subflows"] >= 1, r

@@ -12,7 +12,8 @@ the stack could not open.
 
 A peer that does not speak MPTCP makes the kernel fall back to TCP on its own (RFC 8684
 §3.7); ``negotiated`` tells which happened after connecting (``MPTCP_INFO``: it fails with
-EOPNOTSUPP on a fallen-back connection), ``subflows`` how many extra subflows there are.
+EOPNOTSUPP on a fallen-back connection), ``subflows`` how many extra subflows there are
+(both read at connect and every ``rtt_interval``).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class MptcpStack(TcpStack):
                                              remote=False))
         return socket.socket(fam, socket.SOCK_STREAM)
 
-    def _connected(self) -> None:
+    def _refresh_info(self) -> None:
         s = self._sock
         if s is None:
             return

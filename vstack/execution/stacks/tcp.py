@@ -331,13 +331,13 @@ class TcpStack(Stack):
         self._reported = False
         self._backoff = self.reconnect
         loop.add_reader(self._fd, self._readable)
-        self._connected()
         self._poll_rtt()
         if self._wbuf:
             self._flush()
 
-    def _connected(self) -> None:
-        """Hook for subclasses (MPTCP records what the kernel negotiated)."""
+    def _refresh_info(self) -> None:
+        """Hook, at connect and every ``rtt_interval`` (MPTCP reads what the kernel
+        negotiated and how many subflows there are)."""
 
     def _connect_timeout(self) -> None:
         self._timer = None
@@ -470,6 +470,7 @@ class TcpStack(Stack):
         if info is not None:
             self.tcp_info = info
             self.metrics.rtt_ms = info.rtt_us / 1000.0
+        self._refresh_info()
         if self.rtt_interval > 0:
             self._timer = self.ctx.loop.call_later(self.rtt_interval, self._poll_rtt)
 
