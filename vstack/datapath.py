@@ -348,8 +348,8 @@ class Datapath:
         return self._write(pkt)
 
     def _stack_options(self, name: str) -> Mapping[str, Any]:
-        opts: dict[str, Any] = {"queue_max": self.config.execution.queue_max}
-        opts.update(self.config.stacks.get(name, {}))
+        # stacks check their options strictly: only [stacks.<name>] goes in
+        opts: dict[str, Any] = dict(self.config.stacks.get(name, {}))
         if name == "raw":
             opts["raw"] = self._raw
         return opts
