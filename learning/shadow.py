@@ -22,7 +22,10 @@ def shadow_utility(engine: Engine, run_id: int, facts: Mapping[str, Mapping[str,
                    old: Mapping[str, str | None], new: Mapping[str, str | None],
                    utility: Utility, *, min_flows: int = 20) -> dict[str, Any] | None:
     """Estimated mean utility of ``old`` and ``new`` choices (flow -> stack) over the flows
-    both have facts for, from run ``run_id``'s outcomes; None if it has too few."""
+    both have facts for, from run ``run_id``'s outcomes; None if it has too few.
+    A stack ``run_id`` has no outcomes for scores a flow's worst estimate; such flows are
+    counted per stack in ``unmodelled``, and ``better`` is ``unknown`` when every changed
+    flow involves one (run with exploration to measure them)."""
     samples, _ = load_samples(engine, [run_id])
     if len(samples) < min_flows:
         return None
@@ -37,12 +40,23 @@ def shadow_utility(engine: Engine, run_id: int, facts: Mapping[str, Mapping[str,
     flows = sorted(f for f in facts if f in old and f in new)
     if not flows:
         return None
+    modelled = set(om.stacks)
+    unmodelled: dict[str, int] = {}
+    for f in flows:
+        for st in {old[f] or "", new[f] or ""} - modelled:
+            unmodelled[st or "(none)"] = unmodelled.get(st or "(none)", 0) + 1
     X = np.array([space.encode(facts[f]) for f in flows], dtype=float)
     u_old = om.value(X, [old[f] or "" for f in flows])
     u_new = om.value(X, [new[f] or "" for f in flows])
+    changed = [f for f in flows if old[f] != new[f]]
+    if changed and all((old[f] or "") not in modelled or (new[f] or "") not in modelled
+                       for f in changed):
+        better = "unknown"  # every changed flow involves a stack run_id never measured
+    else:
+        better = "new" if u_new > u_old else "old" if u_old > u_new else "same"
     return {"utility": utility.describe(), "flows": len(flows), "model_run": run_id,
             "model_flows": om.counts, "old": round(u_old, 4), "new": round(u_new, 4),
-            "better": "new" if u_new > u_old else "old" if u_old > u_new else "same"}
+            "better": better, "unmodelled": unmodelled}
 
 
 __all__ = ["shadow_utility"]

@@ -275,7 +275,14 @@ def replay_cmd(
                       f"replay {shadow['new']} -> "
                       + {"new": "the replayed rules choose better stacks",
                          "old": f"run {compare_run}'s choices were better",
-                         "same": "no difference"}[shadow["better"]])
+                         "same": "no difference",
+                         "unknown": "unknown"}[shadow["better"]])
+            if shadow["unmodelled"]:
+                out.print(f"  run {compare_run} measured no flow on "
+                          + ", ".join(f"{s} ({n} flows here)"
+                                      for s, n in shadow["unmodelled"].items())
+                          + ": those choices are not scored; log with exploration "
+                            "(decision.exploration > 0) to measure them")
         else:
             out.print(f"(run {compare_run} has too few measured outcomes to estimate utility)")
     sys.stdout.flush()
