@@ -188,8 +188,12 @@ def fossa_cmd(
     except ValueError as e:
         raise _fail(str(e)) from None
     err = Console(stderr=True)
-    scorer = Scorer(rs, trace, om, space,
-                    on_problem=lambda m: err.print(f"[yellow]{m}[/yellow]", highlight=False))
+    try:
+        scorer = Scorer(rs, trace, om, space,
+                        on_problem=lambda m: err.print(f"[yellow]{m}[/yellow]",
+                                                       highlight=False))
+    except OSError as e:
+        raise _fail(f"{e.filename}: {e.strerror or e}") from None
     baseline = {k: numeric[k] for k in numeric}
     try:
         res = search(scorer, baseline, ranges, method=method, budget=budget, seed=seed)

@@ -198,6 +198,10 @@ def replay_cmd(
             if writer is not None:
                 writer.close()
             raise typer.Exit(130) from None
+        except OSError as e:
+            if writer is not None:
+                writer.close()
+            raise _fail(err, f"{trace}: {e.strerror or e}") from None
     run_id = None
     if writer is not None:
         writer.close()
