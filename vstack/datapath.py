@@ -236,16 +236,19 @@ class Datapath:
     def _slow(self, pkt: bytes) -> None:
         self.slow_packets += 1
         n = len(pkt)
+        # known flows whose packets leave whole (raw stack, dropped): no parsing needed.
+        # (A UDP flow on a payload stack gets here only with a packet the fast path did
+        # not trust, e.g. IPv4 options or a bad UDP length: that one is classified.)
         if n >= 24 and (pkt[0] == 0x45 and not (pkt[6] & 0x3F or pkt[7])
                         and pkt[9] in _PORTED):
             e = self._wire.get(pkt[9:10] + pkt[12:24])
-            if e is not None:
-                e.handle(pkt, 28, n)
+            if e is not None and e.packet_mode:
+                e.handle(pkt, 0, n)
                 return
         elif n >= 44 and pkt[0] >> 4 == 6 and pkt[6] in _PORTED:
             e = self._wire.get(pkt[6:7] + pkt[8:44])
-            if e is not None:
-                e.handle(pkt, 48, n)
+            if e is not None and e.packet_mode:
+                e.handle(pkt, 0, n)
                 return
         try:
             c = classify(pkt)
