@@ -34,7 +34,10 @@ _TERMINAL_NAMES = {
     "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='", "DOT": "'.'",
     "COMPOP": "a comparison", "THEN": "'then'", "ON": "'on'", "RULE": "'rule'",
     "PARAM": "'param'", "SET": "'set'", "IF": "'if'", "FOR": "'for'", "AT": "'at'",
-    "PRIORITY": "'priority'", "$END": "end of file",
+    "PRIORITY": "'priority'", "$END": "end of file", "IPV4": "an address",
+    "IPV6": "an address", "IPV4_PREFIX": "a prefix", "IPV6_PREFIX": "a prefix",
+    "IPV4_PORT": "address:port", "IPV6_PORT": "address:port", "TRUE": "true",
+    "FALSE": "false", "NOT_IN": "'not in'",
 }
 
 
@@ -230,8 +233,9 @@ class _ToAst(Transformer[Token, Any]):
 def _expected(exc: UnexpectedInput) -> str:
     exp = sorted(getattr(exc, "accepts", None) or getattr(exc, "expected", None)
                  or getattr(exc, "allowed", None) or [])
-    names = [_TERMINAL_NAMES.get(e, repr(e.lower().replace("_", " ")) if e.isupper() else e)
-             for e in exp]
+    names = list(dict.fromkeys(
+        _TERMINAL_NAMES.get(e, repr(e.lower().replace("_", " ")) if e.isupper() else e)
+        for e in exp))
     if not names:
         return ""
     if len(names) > 6:
