@@ -120,7 +120,7 @@ class StackEngine:
         try:
             st = cls(ctx)
             st.open()
-        except (OSError, ValueError) as e:
+        except Exception as e:  # a stack's failure (or bug) must not take the flow down
             raise EngineError(f"stack {name!r} to {_fmt(target)} failed to open: {e}") from e
         self.stacks[ck] = st
         return st
