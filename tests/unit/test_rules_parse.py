@@ -111,6 +111,8 @@ def test_rule_name_that_looks_hex_is_not_an_address() -> None:
     ("rule a: on flow.new then", 1, 25, "end of file"),
     ("rule a on flow.new then drop()", 1, 8, "'on'"),
     ("rule a: on flow.new if x = 1 then drop()", 1, 26, "'='"),
+    ("rule a: on flow.new if x == then drop()", 1, 29, "unexpected 'then'"),
+    ("rule then: on flow.new then drop()", 1, 6, "expected a name"),
     ("\n\nrule a: on flow.new then drop() @", 3, 33, "'@'"),
     ("param x = 10.0.0.1:99999", 1, 11, "port"),
     ("rule a: on flow.new then use_stack(dccp, ccid=2, 3)", 1, 50, "positional"),
