@@ -193,9 +193,9 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
 @app.command()
 def run(
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML configuration file"),
-    stack: str | None = typer.Option(None, "--stack", help="default stack (overrides "
-                                     "[execution] default_stack)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    stack: str | None = typer.Option(None, "--stack", help="default stack for UDP flows "
+                                     "(overrides execution.default_stack)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
 ) -> None:
     """Run the vstack daemon: VNIC, routes, datapath, until SIGTERM/SIGINT (SIGHUP reloads)."""
     setup_logging(verbose)
