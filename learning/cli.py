@@ -118,6 +118,8 @@ def fit(
                       str(ev["utility_snips"]), str(ev["snips_n"]),
                       ", ".join(f"{k}={v}" for k, v in ev["stacks"].items()))
         con.print(t)
+        for w in report["warnings"]:
+            con.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
         for d in res.diagnostics:
             con.print(d, highlight=False)
         if not res.diagnostics:

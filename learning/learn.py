@@ -131,6 +131,10 @@ def learn(samples: Sequence[Sample], cfg: LearnConfig, *, current: Any = None,
         "explored": sum(1 for s in samples if s.explored), "utility": cfg.utility.describe(),
         "features": space.columns, "stacks": om_tr.stacks, "leaves": len(policy.leaves),
         "params": policy.params,
+        "warnings": ([f"only {om_tr.stacks[0]} has enough measured flows: the tree can only "
+                      f"repeat the logged choice; log with exploration "
+                      f"(decision.exploration > 0) to compare stacks"]
+                     if len(om_tr.stacks) < 2 else []),
     }
     # held-out evaluation through the rule evaluator
     evals: list[dict[str, Any]] = []
