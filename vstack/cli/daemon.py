@@ -62,6 +62,12 @@ def serve(cfg: Config, config_path: Path | None = None) -> int:
     status. (pyroute2's synchronous API must run outside the asyncio loop.)"""
     from vstack.vnic.netconf import SetupError, Vnic
 
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    # a signal during setup unwinds through Vnic.setup, which removes what it added
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     try:
         vnic = Vnic.setup(cfg.vnic, cfg.nat)
     except SetupError as e:
@@ -71,6 +77,8 @@ def serve(cfg: Config, config_path: Path | None = None) -> int:
     try:
         code = asyncio.run(_serve(cfg, config_path, vnic))
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # let teardown finish
+            signal.signal(sig, signal.SIG_IGN)
         removed = vnic.close()
         log.info("stopped; removed %s", ", ".join(removed) or "nothing")
     return code
