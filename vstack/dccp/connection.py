@@ -201,6 +201,7 @@ class DccpStats:
     invalid: int = 0  # wrong ports, unexpected type, short seqnos not allowed, ...
     syncs_sent: int = 0
     syncs_suppressed: int = 0
+    syncs_received: int = 0  # the peer found our packets out of its window
     resets_sent: int = 0
     retransmits: int = 0  # Request/Close/CloseReq/PARTOPEN Ack
     queued: int = 0
@@ -808,6 +809,7 @@ class DccpConnection:
 
     def _on_sync(self, pkt: DccpPacket, now: float) -> None:
         """§8.5 step 15 / §7.5.4: answer a Sync with a SyncAck acknowledging it."""
+        self.stats.syncs_received += 1
         self._emit(PT.SYNCACK, ack=pkt.seq)
 
     def _on_closereq(self, pkt: DccpPacket, now: float) -> None:
