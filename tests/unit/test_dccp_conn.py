@@ -618,3 +618,17 @@ def test_handshake_timestamps_seed_the_rto() -> None:
     assert p.c.ccid.rto == p.c.ccid.config.min_rto  # not the 1 s initial RTO any more
     p.deliver_all()
     assert p.s is not None and p.s.rtt_ms is not None
+
+
+def test_valid_sync_gets_syncack_and_moves_the_window() -> None:
+    p = opened()
+    assert p.s is not None
+    gsr, gss = p.c.seq.gsr, p.c.seq.gss
+    assert gsr is not None
+    # a Sync far ahead (Syncs have no upper seqno bound, §7.5.3) acking our latest packet
+    sync = DccpPacket(type=PT.SYNC, sport=SPORT, dport=CPORT, seq=gsr + 500, ack=gss)
+    _inject(p, p.c, sync)
+    reply = p.flights[-1].pkt
+    assert reply.type == PT.SYNCACK and reply.ack == gsr + 500
+    assert p.c.seq.gsr == gsr + 500 and p.c.state == State.OPEN
+    assert p.c.stats.syncs_received == 1
