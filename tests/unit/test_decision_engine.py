@@ -454,3 +454,22 @@ def test_examples_rules_decide_as_commented(backend: str) -> None:
     eng.handle_timer(60.0)
     assert eng.timers() == {}
     eng.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_durations_follow_param_overrides(backend: str) -> None:
+    src = """
+        param hold = 2s
+        rule start: on flow.new then use_stack(udp)
+        rule lossy: on flow.metrics if loss > 0.1 for hold then use_stack(dccp)
+    """
+    for params, switched_at in (({}, 2.0), ({"hold": 4.0}, 4.0)):
+        eng, act, _ = make(src, backend, params=params)
+        start(eng, act, F1)
+        times: list[float] = []
+        for i in range(11):
+            t = i * 0.5
+            eng.submit(Event("flow.metrics", t, {"loss": 0.5}, F1), t)
+            if act.switches() and not times:
+                times.append(t)
+        assert times == [switched_at]

@@ -114,6 +114,16 @@ def test_no_false_shadowing(text: str) -> None:
     assert diags(text) == []
 
 
+def test_durations_may_be_params() -> None:
+    assert diags("param h = 2s\nparam g = 5\nrule a: on flow.metrics if loss > 0.1 for h "
+                 "then use_stack(dccp) at most once per g") == []
+    got = diags('param s = "x"\nrule a: on flow.metrics for nope then drop() '
+                "at most once per s")
+    assert got == ["c.rules:2:1: error: 'for nope': unknown param 'nope'",
+                   "c.rules:2:1: error: 'at most once per s': param 's' is str, "
+                   "not a duration"]
+
+
 def test_for_on_flow_new_is_a_warning() -> None:
     got = only("rule a: on flow.new if dport == 53 for 2s then use_stack(udp)")
     assert got.startswith("c.rules:1:1: warning: rule 'a' never fires: 'for'")

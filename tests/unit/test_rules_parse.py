@@ -102,6 +102,13 @@ def test_durations(text: str, seconds: float) -> None:
     assert r.hold == seconds
 
 
+def test_durations_named_by_params() -> None:
+    rs = parse_rules("rule a: on flow.metrics if loss > 0.1 for h then drop() "
+                     "at most once per g\nparam h = 500ms\nparam g = 3", "d.rules")
+    r = rs.rules[0]
+    assert (r.hold, r.hold_param, r.once_per, r.once_param) == (0.5, "h", 3.0, "g")
+
+
 def test_rule_name_that_looks_hex_is_not_an_address() -> None:
     r = one_rule("rule dead: on flow.new then drop()")
     assert r.name == "dead"

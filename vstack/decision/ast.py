@@ -141,6 +141,8 @@ class Rule:
     hold: float | None = None  # "for DURATION": the condition must hold this long (seconds)
     once_per: float | None = None  # "at most once per DURATION" (seconds), per flow
     index: int = 0  # position in the file, 0-based: ties at equal priority go to the earlier
+    hold_param: str | None = None  # "for NAME": the param giving ``hold``
+    once_param: str | None = None  # "at most once per NAME"
     line: int = field(default=0, compare=False)
     col: int = field(default=0, compare=False)
     event_line: int = field(default=0, compare=False)

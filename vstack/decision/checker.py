@@ -140,12 +140,23 @@ class _Checker:
                 self.warn(self.params[p], f"param {p!r} shadows the field {p!r} of {r.event}")
         if r.cond is not None:
             self.cond(r.cond, r, fields, free)
-        if r.hold is not None and r.hold <= 0:
+        for what, pname in (("for", r.hold_param), ("at most once per", r.once_param)):
+            if pname is None:
+                continue
+            dp = self.params.get(pname)
+            if dp is None:
+                self.err(r, f"'{what} {pname}': unknown param {pname!r}")
+            elif dp.value.kind not in ("duration", "int", "float"):
+                self.err(r, f"'{what} {pname}': param {pname!r} is {dp.value.kind}, "
+                            "not a duration")
+            elif dp.value.value <= 0:
+                self.err(r, f"'{what} {pname}': param {pname!r} must be positive")
+        if r.hold is not None and r.hold <= 0 and r.hold_param is None:
             self.err(r, "'for' needs a positive duration")
         elif r.hold is not None and r.event == "flow.new":
             self.warn(r, f"rule {r.name!r} never fires: 'for' needs the condition to hold over "
                          "time, and flow.new happens once per flow")
-        if r.once_per is not None and r.once_per <= 0:
+        if r.once_per is not None and r.once_per <= 0 and r.once_param is None:
             self.err(r, "'at most once per' needs a positive duration")
         for a in r.actions:
             self.action(a, r, fields, free)

@@ -379,11 +379,11 @@ class DecisionEngine:
             k = (r.name, key)
             if r.hold is not None:
                 t0 = self._hold.setdefault(k, now)
-                if now - t0 < r.hold:
+                if now - t0 < c.index.hold_of(r):
                     continue
             if r.once_per is not None:
                 last = self._last.get(k)
-                if last is not None and now - last < r.once_per:
+                if last is not None and now - last < c.index.once_of(r):
                     continue
             try:
                 fired.append(Fired(r, bind(r, prepared, c.index.params)))

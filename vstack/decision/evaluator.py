@@ -174,6 +174,17 @@ class RuleIndex:
             return v.value
         return self.params.get(v.id)
 
+    # -- anti-flapping durations (a param may name them; overrides apply) -----------------
+    def hold_of(self, r: A.Rule) -> float:
+        if r.hold_param is not None and r.hold_param in self.params:
+            return float(self.params[r.hold_param])
+        return r.hold or 0.0
+
+    def once_of(self, r: A.Rule) -> float:
+        if r.once_param is not None and r.once_param in self.params:
+            return float(self.params[r.once_param])
+        return r.once_per or 0.0
+
     # -- per event ---------------------------------------------------------------------
     def event_types(self) -> list[str]:
         return list(self._events)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -203,11 +204,11 @@ class _ToAst(Transformer[Token, Any]):
     def when(self, meta: Any, children: list[Any]) -> tuple[str, Any]:
         return ("when", children[0])
 
-    def hold(self, meta: Any, children: list[Token]) -> tuple[str, float]:
-        return ("hold", parse_duration(str(children[0])))
+    def hold(self, meta: Any, children: list[Token]) -> tuple[float | None, str | None]:
+        return _duration_or_name(children[0])
 
-    def once_per(self, meta: Any, children: list[Token]) -> tuple[str, float]:
-        return ("once", parse_duration(str(children[0])))
+    def once_per(self, meta: Any, children: list[Token]) -> tuple[float | None, str | None]:
+        return _duration_or_name(children[0])
 
     def rule(self, meta: Any, children: list[Any]) -> A.Rule:
         line, col = _pos(meta)
@@ -217,8 +218,9 @@ class _ToAst(Transformer[Token, Any]):
         return A.Rule(
             name=str(name_tok), event=ev[0], cond=when[1] if when else None,
             actions=actions, priority=prio if prio is not None else 0,
-            hold=hold[1] if hold else None, once_per=once[1] if once else None,
+            hold=hold[0] if hold else None, once_per=once[0] if once else None,
             index=index, line=line, col=col, event_line=ev[1], event_col=ev[2],
+            hold_param=hold[1] if hold else None, once_param=once[1] if once else None,
         )
 
     def param_def(self, meta: Any, children: list[Any]) -> A.Param:
@@ -228,6 +230,30 @@ class _ToAst(Transformer[Token, Any]):
     def set_def(self, meta: Any, children: list[Any]) -> A.SetDef:
         line, col = _pos(meta)
         return A.SetDef(str(children[0]), children[1], line, col)
+
+
+def _duration_or_name(tok: Token) -> tuple[float | None, str | None]:
+    if tok.type == "DURATION":
+        return parse_duration(str(tok)), None
+    return None, str(tok)  # a param: resolved by resolve_durations()
+
+
+def resolve_durations(rules: tuple[A.Rule, ...], params: dict[str, Any]) -> tuple[A.Rule, ...]:
+    """Fill ``hold``/``once_per`` of rules that name a param (``for hold_time``) with its
+    value in seconds; an unknown or non-numeric param leaves 0.0 for the checker to report."""
+    out = []
+    for r in rules:
+        if r.hold_param is None and r.once_param is None:
+            out.append(r)
+            continue
+        vals = []
+        for name in (r.hold_param, r.once_param):
+            v = params.get(name) if name is not None else None
+            vals.append(float(v) if isinstance(v, int | float) and not isinstance(v, bool)
+                        else 0.0)
+        out.append(replace(r, hold=vals[0] if r.hold_param else r.hold,
+                           once_per=vals[1] if r.once_param else r.once_per))
+    return tuple(out)
 
 
 def _expected(exc: UnexpectedInput) -> str:
@@ -281,8 +307,9 @@ def parse_rules(text: str, filename: str = "<rules>") -> A.RuleSet:
         if isinstance(orig, _Positioned):
             raise RulesSyntaxError(filename, orig.line, orig.col, orig.message) from None
         raise RulesSyntaxError(filename, 1, 1, f"internal parser error: {orig}") from None
-    rules = tuple(i for i in items if isinstance(i, A.Rule))
     params = tuple(i for i in items if isinstance(i, A.Param))
+    rules = resolve_durations(tuple(i for i in items if isinstance(i, A.Rule)),
+                              {p.name: p.value.value for p in params})
     sets = tuple(i for i in items if isinstance(i, A.SetDef))
     digest = hashlib.sha256(text.encode()).hexdigest()
     return A.RuleSet(rules, params, sets, filename, digest)

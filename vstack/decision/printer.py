@@ -65,10 +65,14 @@ def format_rule(r: A.Rule) -> str:
     out = f"{head}: on {r.event}"
     if r.cond is not None:
         out += f" if {format_cond(r.cond)}"
-    if r.hold is not None:
+    if r.hold_param is not None:
+        out += f" for {r.hold_param}"
+    elif r.hold is not None:
         out += f" for {format_duration(r.hold)}"
     out += " then " + ", ".join(format_action(a) for a in r.actions)
-    if r.once_per is not None:
+    if r.once_param is not None:
+        out += f" at most once per {r.once_param}"
+    elif r.once_per is not None:
         out += f" at most once per {format_duration(r.once_per)}"
     return out
 
@@ -92,4 +96,6 @@ def with_params(rs: A.RuleSet, values: Mapping[str, Any]) -> A.RuleSet:
             params.append(replace(p, value=A.Literal(kind, v)))
         else:
             params.append(p)
-    return replace(rs, params=tuple(params))
+    from vstack.decision.parser import resolve_durations
+    return replace(rs, params=tuple(params),
+                   rules=resolve_durations(rs.rules, {p.name: p.value.value for p in params}))

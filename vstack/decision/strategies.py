@@ -114,10 +114,13 @@ def _rule(draw: st.DrawFn, index: int) -> A.Rule:
         actions.append(A.Action("log", (A.Literal("str", f"rule {index}"),)))
     if draw(st.booleans()):
         actions.append(A.Action("set_dscp", (A.Literal("int", draw(st.integers(0, 63))),)))
-    hold = draw(st.one_of(st.none(), st.sampled_from([0.5, 2.0])))
-    once = draw(st.one_of(st.none(), st.sampled_from([1.0, 5.0])))
+    hold = draw(st.one_of(st.none(), st.sampled_from([0.5, 2.0, "p_dur"])))
+    once = draw(st.one_of(st.none(), st.sampled_from([1.0, 5.0, "p_dur"])))
+    hold_p = hold if isinstance(hold, str) else None
+    once_p = once if isinstance(once, str) else None
     return A.Rule(f"r{index}", event, cond, tuple(actions), draw(st.integers(0, 3)),
-                  hold, once, index)
+                  1.5 if hold_p else hold, 1.5 if once_p else once,  # type: ignore[arg-type]
+                  index, hold_param=hold_p, once_param=once_p)
 
 
 @st.composite
