@@ -50,6 +50,8 @@ def only(text: str) -> str:
      "c.rules:1:31: error: unknown set 'nowhere'"),
     ("rule a: on flow.new if dport > limit then drop()",
      "c.rules:1:32: error: unknown field or param 'limit' for event 'flow.new'"),
+    ('param s = "quic"\nrule a: on flow.new then use_stack(s)',
+     "c.rules:2:36: error: unknown stack 'quic'"),
     ("rule a: on flow.new then use_stack()",
      "c.rules:1:26: error: use_stack() takes 1 argument(s), got 0"),
     ("rule a: on flow.new then set_dscp(64)",

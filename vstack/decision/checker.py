@@ -259,6 +259,10 @@ class _Checker:
 
         if a.name == "use_stack":
             name = str_or_name(a.args[0], "use_stack")
+            arg0 = a.args[0]
+            if isinstance(arg0, A.Name) and arg0.id in self.params \
+                    and self.params[arg0.id].value.kind == "str":
+                name = str(self.params[arg0.id].value.value)
             if name is not None and name not in self.stacks:
                 self.err(a.args[0], f"unknown stack {name!r} (known: "
                                     f"{', '.join(sorted(self.stacks))})")
