@@ -63,6 +63,7 @@ class FakeActuator:
         self.table.pop(flow, None)
 
     def flows(self) -> Iterable[FlowInfo]:
+        self._maybe_fail("flows")
         return [FlowInfo(k, v["stack"], v["iface"], "", 0, 0, 0, 0, "", 0.0, 0.0)
                 for k, v in self.table.items()]
 
@@ -473,3 +474,17 @@ def test_param_durations_follow_param_overrides(backend: str) -> None:
             if act.switches() and not times:
                 times.append(t)
         assert times == [switched_at]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failing_flow_listing_is_counted_and_forgets_nothing(backend: str) -> None:
+    eng, act, _ = make("""
+        rule start: on flow.new then use_stack(udp)
+        rule flip: on timer.t if stack == "udp" then use_stack(dccp)
+    """, backend)
+    start(eng, act, F1)
+    act.fail.add("flows")
+    eng.submit(Event("timer.t", 1.0, {"name": "t"}), 1.0)  # uses the engine's own table
+    assert eng.stats["action_errors"] == 1
+    assert eng.flow_state(F1) is not None
+    assert act.switches() == [(F1, "dccp")]

@@ -131,8 +131,10 @@ class DecisionEngine:
         self._rng = random.Random(seed)
         self.stats: Counter[str] = Counter()
         self._flows: dict[FlowKey, _Flow] = {}
-        self._hold: dict[tuple[str, FlowKey | None], float] = {}
-        self._last: dict[tuple[str, FlowKey | None], float] = {}
+        # Anti-flapping state per flow (None: flowless evaluations): rule name -> when its
+        # condition started to hold (``for``) / when it last took effect (``at most once``).
+        self._hold: dict[FlowKey | None, dict[str, float]] = {}
+        self._last: dict[FlowKey | None, dict[str, float]] = {}
         self._timers: dict[str, _Timer] = {}
         # Called (on the caller's thread) whenever the set of armed timers changes, so an
         # adapter can re-arm its loop timer (``vstack.decision.driver``).
@@ -177,9 +179,10 @@ class DecisionEngine:
         old, self._c = self._c, new
         old.backend.close()
         names = {r.name for r in ruleset.rules}
-        for d in (self._hold, self._last):
-            for k in [k for k in d if k[0] not in names]:
-                del d[k]
+        for table in (self._hold, self._last):
+            for per_flow in table.values():
+                for gone in [n for n in per_flow if n not in names]:
+                    del per_flow[gone]
         self.stats["reloads"] += 1
         log.info("rules %s loaded (version %s, %d rules)", ruleset.filename, new.version,
                  len(ruleset.rules))
@@ -192,9 +195,8 @@ class DecisionEngine:
     def forget(self, flow: FlowKey) -> None:
         """The flow ended: drop its state."""
         self._flows.pop(flow, None)
-        for d in (self._hold, self._last):
-            for k in [k for k in d if k[1] == flow]:
-                del d[k]
+        self._hold.pop(flow, None)
+        self._last.pop(flow, None)
 
     def flow_state(self, flow: FlowKey) -> dict[str, Any] | None:
         f = self._flows.get(flow)
@@ -207,7 +209,7 @@ class DecisionEngine:
             except Exception:
                 log.exception("actuator.flows() failed")
                 self.stats["action_errors"] += 1
-                infos = []
+                return dict(self._flows)
             live: dict[FlowKey, _Flow] = {}
             for info in infos:
                 f = self._flows.get(info.key)
@@ -371,18 +373,22 @@ class DecisionEngine:
         if only is not None:
             matched = [r for r in matched if r.name in only]
         names = {r.name for r in matched}
-        for r in rules:
-            if r.hold is not None and r.name not in names and (only is None or r.name in only):
-                self._hold.pop((r.name, key), None)
+        hold = self._hold.get(key)
+        if hold:
+            for r in rules:
+                if r.hold is not None and r.name not in names \
+                        and (only is None or r.name in only):
+                    hold.pop(r.name, None)
         fired: list[Fired] = []
         for r in matched:
-            k = (r.name, key)
             if r.hold is not None:
-                t0 = self._hold.setdefault(k, now)
+                if hold is None:
+                    hold = self._hold[key] = {}
+                t0 = hold.setdefault(r.name, now)
                 if now - t0 < c.index.hold_of(r):
                     continue
             if r.once_per is not None:
-                last = self._last.get(k)
+                last = self._last.get(key, {}).get(r.name)
                 if last is not None and now - last < c.index.once_of(r):
                     continue
             try:
@@ -396,7 +402,7 @@ class DecisionEngine:
             if f.rule.name in took:
                 self.stats[f"fired:{f.rule.name}"] += 1
                 if f.rule.once_per is not None:
-                    self._last[(f.rule.name, key)] = now
+                    self._last.setdefault(key, {})[f.rule.name] = now
         return eff, fired
 
     def _apply(self, c: _Compiled, eff: list[BoundAction], key: FlowKey | None,
