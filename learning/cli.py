@@ -201,7 +201,8 @@ def fossa_cmd(
         res = search(scorer, baseline, ranges, method=method, budget=budget, seed=seed)
     except ValueError as e:
         raise _fail(str(e)) from None
-    best_text = set_params(text, {k: v for k, v in res.best.items() if k in ranges})
+    best_text = set_params(text, {k: v for k, v in res.best.items() if k in ranges},
+                           rs.param_kinds())
     if out:
         with open(out, "w", encoding="utf-8") as f:
             f.write(best_text)

@@ -81,10 +81,15 @@ def default_range(current: int | float) -> ParamRange:
 _PARAM_RE = r"^(?P<head>\s*param\s+{name}\s*=\s*)(?P<value>[^\s#]+)"
 
 
-def set_params(text: str, values: Mapping[str, int | float]) -> str:
-    """``text`` with the ``param`` lines of ``values`` rewritten (comments kept)."""
+def set_params(text: str, values: Mapping[str, int | float],
+               kinds: Mapping[str, str] | None = None) -> str:
+    """``text`` with the ``param`` lines of ``values`` rewritten (comments kept). A param
+    whose kind (``RuleSet.param_kinds()``) is ``duration`` is written in seconds (``2.5s``)."""
     for name, v in values.items():
-        lit = str(v) if isinstance(v, int) else repr(float(v))
+        if (kinds or {}).get(name) == "duration":
+            lit = f"{float(v):g}s"
+        else:
+            lit = str(v) if isinstance(v, int) else repr(float(v))
         pat = re.compile(_PARAM_RE.format(name=re.escape(name)), re.M)
         m = pat.search(text)
         if m is None:

@@ -167,6 +167,8 @@ def test_param_helpers() -> None:
         set_params("param a = 1\n", {"b": 2})
     assert set_params("param a = 1 # x\nparam ab = 3\n", {"a": 0.25}) == \
         "param a = 0.25 # x\nparam ab = 3\n"
+    assert set_params("param hold = 2s\n", {"hold": 3.5}, {"hold": "duration"}) == \
+        "param hold = 3.5s\n"
 
 
 def test_categorical_split_becomes_a_string_condition() -> None:
