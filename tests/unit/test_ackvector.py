@@ -113,3 +113,19 @@ def test_validity_windows() -> None:
     assert s.check(2, 5990, None) and not s.check(2, 5900, None)
     assert s.check(8, 9_999_999, 1005)  # Sync: no upper bound on seqno
     assert not s.check(3, 6001, 2000)  # ack beyond AWH
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    isr=seqnos,
+    ahead=st.integers(0, 1000),
+    w=st.integers(32, 2000),
+    off=st.integers(-3000, 3000),
+)
+def test_window_fast_path_matches_definition(isr: int, ahead: int, w: int, off: int) -> None:
+    s = sq.SeqState(remote_window=w)
+    s.start(0)
+    s.set_isr(isr)
+    s.gsr = sq.add(isr, ahead)
+    x = sq.add(s.gsr, off)
+    assert s.seq_valid(2, x) == sq.between(x, s.swl, s.swh)

@@ -245,6 +245,7 @@ class Transition:
 
 
 _OPENISH = (State.OPEN, State.CLOSEREQ, State.CLOSING)
+_STEP7_TYPES = frozenset({PT.REQUEST, PT.RESPONSE, PT.CLOSEREQ, PT.DATA})
 
 
 def _build_table() -> dict[tuple[State, PacketType], Transition]:
@@ -640,7 +641,7 @@ class DccpConnection:
         self.ackvec.add(pkt.seq)
         self._rx_since_ack += 1
         # §8.5 step 7: unexpected packet types
-        if (
+        if pkt.type in _STEP7_TYPES and (
             (self.is_server and pkt.type in (PT.CLOSEREQ, PT.RESPONSE))
             or (not self.is_server and pkt.type == PT.REQUEST)
             or (
@@ -671,6 +672,8 @@ class DccpConnection:
 
     def _process_options(self, pkt: DccpPacket, now: float) -> bool:
         """§8.5 step 8: feature negotiation, Timestamps.  False if we reset."""
+        if not pkt.options:
+            return True
         res = self.features.process(pkt.options)
         if res.failure is not None:
             f = res.failure

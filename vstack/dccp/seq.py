@@ -176,12 +176,19 @@ class SeqState:
 
     def seq_valid(self, ptype: int, seqno: int) -> bool:
         check = VALIDITY_TABLE[ptype][0]
-        if self.gsr is None:
+        gsr = self.gsr
+        if gsr is None:
             return True  # nothing received yet (LISTEN / REQUEST: §7.5.3 footnote)
         if check is SeqCheck.WINDOW:
+            # fast path of between(seqno, swl, swh) once GSR is W/4 past ISR
+            w = self.remote_window
+            d = (seqno - gsr - 1 + w // 4) & SEQ_MASK  # distance above GSR + 1 - W/4
+            isr = self.isr if self.isr is not None else gsr
+            if ((gsr - isr) & SEQ_MASK) >= w // 4:
+                return d <= w // 4 - 1 + (3 * w) // 4
             return between(seqno, self.swl, self.swh)
         if check is SeqCheck.STRICT:
-            return between(seqno, add(self.gsr, 1), self.swh)
+            return between(seqno, add(gsr, 1), self.swh)
         if check is SeqCheck.OPEN_HIGH:
             return ge(seqno, self.swl)
         return True
