@@ -110,7 +110,8 @@ class _Compiled:
     index: RuleIndex
     backend: Backend
     version: str
-    flow_rules: frozenset[str]
+    flow_rules: frozenset[str]  # rules run per flow for flowless events
+    global_rules: frozenset[str]  # the others: run once per event
     stacks: tuple[str, ...]  # stacks named literally by use_stack anywhere
     warnings: list[Diagnostic] = field(default_factory=list)
 
@@ -156,8 +157,9 @@ class DecisionEngine:
                          and not (isinstance(a.args[0], A.Name)
                                   and a.args[0].id in index.params)}
                         )
+        flow_rules = frozenset(r.name for r in ruleset.rules if is_flow_rule(r))
         return _Compiled(ruleset, index, be, (ruleset.source_hash or "0" * 12)[:12],
-                         frozenset(r.name for r in ruleset.rules if is_flow_rule(r)),
+                         flow_rules, frozenset(r.name for r in ruleset.rules) - flow_rules,
                          tuple(stacks), warnings)
 
     @property
@@ -335,7 +337,11 @@ class DecisionEngine:
                 if has_flow_rules:
                     for fk, f in self._affected(event).items():
                         facts = {**f.view(), **event.fields}
-                        applied += self._run(c, event, facts, fk, now, True)
+                        try:
+                            applied += self._run(c, event, facts, fk, now, True)
+                        except Exception:  # one flow's failure does not stop the others
+                            log.exception("event %s failed for %s", event.type, fk)
+                            self.stats["errors"] += 1
         except Exception:
             log.exception("event %s failed", event.type)
             self.stats["errors"] += 1
@@ -354,7 +360,7 @@ class DecisionEngine:
         if flow_rules is True:
             only = c.flow_rules
         elif flow_rules is False:
-            only = frozenset(r.name for r in c.ruleset.rules) - c.flow_rules
+            only = c.global_rules
         eff, _fired = self._evaluate(c, event.type, facts, key, now, only)
         if not eff:
             return 0
