@@ -223,8 +223,11 @@ class KernelDccpPeer:
             return ""
 
     def lines(self, kind: str | None = None) -> list[PeerLine]:
+        """Complete console lines only: the VM may be in the middle of writing the last."""
+        text = self.console()
+        complete = text[: text.rfind("\n") + 1]
         out = []
-        for raw in self.console().splitlines():
+        for raw in complete.splitlines():
             pl = parse_line(raw)
             if pl and (kind is None or pl.kind == kind):
                 out.append(pl)
