@@ -69,7 +69,7 @@ def test_handshake_negotiates_ccid2_and_closes_gracefully(peer: kdp.KernelDccpPe
             assert c.is_open
             c.close()
             ev = await c.wait_closed(timeout=15)
-            assert isinstance(ev, dc.ConnectionClosed), ev
+            assert isinstance(ev, dc.ConnectionClosed) and ev.graceful, ev
         finally:
             c.release()
         return c

@@ -83,7 +83,7 @@ class DccpStack(Stack):
             if len(self._queue) >= self.queue_max:
                 self.metrics.drops += 1
                 return
-            self._queue.append(payload)
+            self._queue.append(bytes(payload))  # the fast path hands memoryviews
             return
         self._send_now(c, payload)
 
