@@ -53,6 +53,7 @@ def test_handshake_negotiates_ccid2_and_ack_vectors() -> None:
         assert conn.features.local[ft.CCID] == 2 and conn.features.remote[ft.CCID] == 2
         assert conn.features.local[ft.SEND_ACK_VECTOR] == 1
         assert conn.features.remote[ft.SEND_ACK_VECTOR] == 1
+        assert conn.features.local[ft.ECN_INCAPABLE] == 1  # §12.1: we read no ECN marks
         assert not conn.features.pending
     assert any(isinstance(e, HandshakeComplete) for e in p.events["c"])
     assert any(isinstance(e, HandshakeComplete) for e in p.events["s"])

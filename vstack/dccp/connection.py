@@ -364,6 +364,8 @@ class DccpConnection:
             f.change_remote(ft.CCID, (2,))
         # RFC 4341 §3: the CCID2 HC-sender requires the HC-receiver to send Ack Vectors
         f.change_remote(ft.SEND_ACK_VECTOR, (1,))
+        # §12.1: we cannot read ECN codepoints (sans-IO, raw sockets), so say so
+        f.change_local(ft.ECN_INCAPABLE, (1,))
         if self.config.sequence_window != 100:
             f.change_local(ft.SEQUENCE_WINDOW, (self.config.sequence_window,))
 
