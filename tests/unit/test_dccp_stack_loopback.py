@@ -58,7 +58,7 @@ def test_queue_during_handshake_then_echo() -> None:
                 st.send(b"late %d" % i)
                 await asyncio.sleep(0)
             await _until(lambda: len(got) == 205)
-            st.refresh_metrics()
+            await _until(lambda: st.metrics.rtt_ms > 0)  # pulled from CCID2 periodically
         finally:
             st.close()
             st.close()  # idempotent

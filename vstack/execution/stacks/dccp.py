@@ -15,7 +15,8 @@ connection).
 
 The peer vanishing (timeout) or resetting reaches the engine as ``ctx.on_error(StackError)``
 (``remote=True``); a local socket failure as ``remote=False``. ``metrics.rtt_ms`` and
-``metrics.lost`` come from the connection's CCID2 sender.
+``metrics.lost`` come from the connection's CCID2 sender (pulled every 0.5 s and at every
+connection event).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from vstack.dccp.transport import TransportError
 from vstack.execution.stacks.base import Stack, StackError, register_stack
 
 DEFAULT_QUEUE = 1024
+METRICS_INTERVAL = 0.5  # seconds between pulls of RTT and loss from CCID2
 log = logging.getLogger("vstack.dccp")
 
 
@@ -51,6 +53,7 @@ class DccpStack(Stack):
         self._closed = False
         self.handshake_started: float | None = None
         self.handshake_done: float | None = None
+        self._metrics_timer: Any = None
 
     # ------------------------------------------------------------------ Stack API
     def open(self) -> None:
@@ -67,6 +70,7 @@ class DccpStack(Stack):
                 conn_options=self.conn_options)
             self.handshake_started = self.ctx.loop.time()
             self.client.connect()
+            self._metrics_timer = self.ctx.loop.call_later(METRICS_INTERVAL, self._metrics_tick)
         except (TransportError, OSError, ValueError) as e:
             self._fail(f"cannot open DCCP to {host}:{port}: {e}", remote=False)
 
@@ -92,6 +96,7 @@ class DccpStack(Stack):
             return
         self._closed = True
         self._queue.clear()
+        self._stop_metrics()
         c = self.client
         if c is None:
             return
@@ -148,6 +153,18 @@ class DccpStack(Stack):
             self.metrics.rtt_ms = float(rtt)
         self.metrics.lost = int(c.conn.loss)
 
+    def _metrics_tick(self) -> None:
+        self._metrics_timer = None
+        if self._closed or self._failed:
+            return
+        self._update_metrics()
+        self._metrics_timer = self.ctx.loop.call_later(METRICS_INTERVAL, self._metrics_tick)
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_timer is not None:
+            self._metrics_timer.cancel()
+            self._metrics_timer = None
+
     def refresh_metrics(self) -> None:
         """Pull RTT and loss from CCID2 now (the engine calls this before reading metrics)."""
         self._update_metrics()
@@ -157,6 +174,8 @@ class DccpStack(Stack):
             return
         self._failed = True
         self._queue.clear()
+        self._update_metrics()
+        self._stop_metrics()
         if self.client is not None:
             self.client.release()
         self.ctx.on_error(StackError(self.name, reason, remote))
