@@ -1,0 +1,366 @@
+"""The daemon's control-plane services on the datapath's asyncio loop.
+
+``vstack run`` starts them once the datapath reads the TUN, and closes them on the way out::
+
+    services = await start_services(cfg, datapath, engine, driver, sink)
+    ...
+    await services.close()
+
+What connects to what (everything on the one loop; nothing here starts a thread):
+
+* **management port** (``[management] listen``, HMAC-signed JSON over UDP,
+  ``vstack.management``): every accepted message becomes a ``mgmt.<type>`` event.
+  With a rule engine it goes to ``engine.submit`` (what it does is up to the rules, e.g.
+  ``on mgmt.switch then use_stack(stack)``). Without one (the static selector), a built-in
+  minimal handler acts on ``mgmt.switch`` (``Actuator.switch``) and ``mgmt.retarget``
+  (``Actuator.retarget``) directly, attributed to the rule ``"mgmt"``; other types are
+  counted as ``ignored``. Rejected messages never reach either.
+* **netlink monitor** (``vstack.monitor``; only with a rule engine, as only rules act on
+  them): ``link.up/down``, ``addr.add/del`` and ``route.change`` of the daemon's network
+  namespace go to ``engine.submit``; ``[monitor] interfaces`` limits them to those
+  interfaces.
+* **control socket** (``[control] socket``, ``vstack.control``): ``flows`` and ``switch``
+  over the datapath (the Actuator), ``why`` (the decision history below), ``rules_reload``
+  (the driver's reload: a bad file answers with its positioned error and the old rules
+  stay), ``stats`` (datapath, engine, decision log, management, monitor, control counters).
+* **decision history** for ``why``: the engine keeps no history, so the sink the datapath
+  and the engine log to is wrapped (``HistorySink``): it remembers the last
+  ``HISTORY_PER_FLOW`` decisions of the last ``HISTORY_FLOWS`` flows in memory and passes
+  everything on unchanged.
+
+Failures: the management port is asked for explicitly, so a bad ``listen`` address or a
+port in use stops the daemon (``datapath.on_failure``: exit status 1 with the message). The
+control socket and the monitor are helpers: if they cannot start, the error is logged and
+the daemon runs without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vstack.analysis.flowkey import FlowKey
+from vstack.config import Config, ConfigError, parse_endpoint
+from vstack.decision.events import Event
+from vstack.execution.selector import Actuator, Decision
+from vstack.log import DecisionSink, NullSink
+
+log = logging.getLogger("vstack.services")
+
+HISTORY_PER_FLOW = 32  # decisions kept per flow for ``vstack why``
+HISTORY_FLOWS = 4096  # flows kept (least recently decided dropped first)
+_MERGE_S = 1.0  # an engine record this close after the actuator's own is the same action
+
+
+class UnknownFlow(LookupError):
+    """``why`` for a flow with no recorded decision."""
+
+
+class RulesReloadError(RuntimeError):
+    """``rules_reload`` failed; the message is the positioned error (``file:line:col``)."""
+
+
+# ----------------------------------------------------------------------------- history
+def decision_record(d: Decision, now: float) -> dict[str, Any]:
+    """One ``why`` entry: the fields of ``d`` that say something, and when."""
+    rec: dict[str, Any] = {"time": now, "rule": d.rule or "", "stack": d.stack or ""}
+    if d.interface is not None:
+        rec["interface"] = d.interface
+    if d.target is not None:
+        addr, port = d.target
+        rec["target"] = addr if port is None else (
+            f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}")
+    if d.dscp is not None:
+        rec["dscp"] = d.dscp
+    if d.drop:
+        rec["drop"] = True
+    if d.options:
+        rec["options"] = dict(d.options)
+    if d.rules_version:
+        rec["rules_version"] = d.rules_version
+    if d.propensity != 1.0 or d.explored:
+        rec["propensity"] = d.propensity
+        rec["explored"] = d.explored
+    rec["facts"] = dict(d.facts)
+    return rec
+
+
+class HistorySink:
+    """A ``DecisionSink`` that remembers recent decisions per flow and passes every call
+    on to ``inner``. The same ``Decision`` object twice in a row (the engine and the
+    datapath both log a ``flow.new`` decision) is remembered once; an engine record with
+    facts right after the actuator's record of the same action (no facts, same rule)
+    replaces it. Other attributes (``recorder``, ``stats``, ``dropped``) are the inner
+    sink's."""
+
+    def __init__(self, inner: DecisionSink | None = None, *,
+                 per_flow: int = HISTORY_PER_FLOW, max_flows: int = HISTORY_FLOWS) -> None:
+        self.inner: DecisionSink = inner if inner is not None else NullSink()
+        self.per_flow = per_flow
+        self.max_flows = max_flows
+        self._hist: OrderedDict[FlowKey, deque[dict[str, Any]]] = OrderedDict()
+        self._last: Decision | None = None
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names not defined here
+        return getattr(self.inner, name)
+
+    # -- DecisionSink
+    def event(self, event: Event) -> None:
+        self.inner.event(event)
+
+    def decision(self, flow: FlowKey | None, decision: Decision, now: float) -> None:
+        try:
+            if flow is not None and decision is not self._last:
+                self._remember(flow, decision, now)
+            self._last = decision
+        except Exception:  # the history must never stop the decision log
+            log.exception("decision history")
+        self.inner.decision(flow, decision, now)
+
+    def outcome(self, flow: FlowKey, stack: str, now: float, metrics: Mapping[str, Any]) -> None:
+        self.inner.outcome(flow, stack, now, metrics)
+
+    def flow_seen(self, flow: FlowKey, features: Mapping[str, Any], now: float) -> None:
+        self.inner.flow_seen(flow, features, now)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    # -- history
+    def _remember(self, flow: FlowKey, d: Decision, now: float) -> None:
+        h = self._hist.get(flow)
+        if h is None:
+            h = self._hist[flow] = deque(maxlen=self.per_flow)
+            while len(self._hist) > self.max_flows:
+                self._hist.popitem(last=False)
+        else:
+            self._hist.move_to_end(flow)
+        rec = decision_record(d, now)
+        if h and rec["facts"]:
+            prev = h[-1]
+            if (not prev["facts"] and prev["rule"] == rec["rule"]
+                    and 0 <= now - prev["time"] < _MERGE_S):
+                h[-1] = {**prev, **rec}
+                return
+        h.append(rec)
+
+    def history(self, flow: FlowKey) -> list[dict[str, Any]] | None:
+        """The remembered decisions of ``flow``, oldest first; None if none."""
+        h = self._hist.get(flow)
+        return list(h) if h is not None else None
+
+    def forget(self, flow: FlowKey) -> None:
+        self._hist.pop(flow, None)
+
+
+# ------------------------------------------------------------------- mgmt without rules
+class MinimalMgmtHandler:
+    """What management commands do when no rule engine runs: ``mgmt.switch`` switches the
+    flow's stack, ``mgmt.retarget`` its NAT target (``ADDR[:PORT]``), through the
+    Actuator, as rule ``"mgmt"``. Anything else is counted as ``ignored``. Errors (no such
+    flow, unknown stack, bad target) are logged and counted, never raised."""
+
+    def __init__(self, actuator: Actuator) -> None:
+        self.actuator = actuator
+        self.counters: Counter[str] = Counter()
+
+    def __call__(self, event: Event) -> None:
+        flow = event.flow
+        try:
+            if event.type == "mgmt.switch" and flow is not None:
+                self.actuator.switch(flow, str(event.fields["stack"]), rule="mgmt")
+                log.info("management: %s switched to %s", flow, event.fields["stack"])
+            elif event.type == "mgmt.retarget" and flow is not None:
+                t = parse_endpoint(str(event.fields["target"]), "mgmt.retarget target")
+                self.actuator.retarget(flow, t.address, t.port, rule="mgmt")
+                log.info("management: %s retargeted to %s", flow, t)
+            else:
+                self.counters["ignored"] += 1
+                log.info("management: %s ignored (no rule engine)", event.type)
+                return
+        except (LookupError, ValueError, ConfigError, RuntimeError) as e:
+            self.counters["errors"] += 1
+            log.warning("management %s failed: %s", event.type, e)
+            return
+        self.counters["applied"] += 1
+
+
+# ------------------------------------------------------------------------ the services
+@dataclass(slots=True)
+class Services:
+    """The started services; ``await close()`` stops them (idempotent)."""
+
+    cfg: Config
+    datapath: Any  # vstack.datapath.Datapath (the Actuator)
+    engine: Any = None  # vstack.decision.engine.DecisionEngine | None
+    driver: Any = None  # vstack.decision.driver.EngineDriver | None
+    sink: Any = None  # the daemon's sink (LogWriter / RecordingSink / None)
+    history: HistorySink | None = None
+    mgmt: Any = None  # vstack.management.ManagementServer | None
+    mgmt_handler: MinimalMgmtHandler | None = None
+    monitor: Any = None  # vstack.monitor.NetlinkMonitor | None
+    control: Any = None  # vstack.control.ControlServer | None
+    started: float = field(default_factory=time.time)
+    _closed: bool = False
+
+    # -- handlers for the control socket
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        from vstack.control import actuator_handlers
+
+        h = actuator_handlers(self.datapath, log_dropped=self._log_dropped)
+        h.update(why=self.why, rules_reload=self.rules_reload, stats=self.stats)
+        return h
+
+    def _log_dropped(self) -> int | None:
+        d = getattr(self.sink, "dropped", None) if self.sink is not None else None
+        return int(d) if isinstance(d, int) else None
+
+    def why(self, params: dict[str, Any]) -> dict[str, Any]:
+        text = params.get("flow")
+        if not isinstance(text, str):
+            raise ValueError("why needs 'flow' (a flow key)")
+        key = FlowKey.parse(text)
+        hist = self.history.history(key) if self.history is not None else None
+        live = any(f.key == key for f in self.datapath.flows())
+        if hist is None and not live:
+            raise UnknownFlow(f"no decisions recorded for {key} (not a live flow, and not "
+                              f"among the last {HISTORY_FLOWS} flows decided)")
+        out: dict[str, Any] = {"flow": str(key), "live": live, "decisions": hist or []}
+        if self.engine is not None:
+            out["rules_version"] = self.engine.rules_version
+            state = self.engine.flow_state(key)
+            if state is not None:
+                out["engine_facts"] = state
+        return out
+
+    def rules_reload(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.driver is None or self.engine is None:
+            raise RulesReloadError("no rules to reload: the daemon runs the static selector "
+                                   "([decision] rules is not set)")
+        rules = self.driver.rules
+        old = self.engine.rules_version
+        if not self.driver.reload():
+            err = getattr(rules, "last_error", None) or "reload failed"
+            raise RulesReloadError(f"{err}\n(kept rules version {old})")
+        return {"file": getattr(rules, "path", ""), "version": self.engine.rules_version,
+                "previous": old, "rules": len(self.engine.ruleset.rules),
+                "warnings": len(getattr(rules, "warnings", []) or [])}
+
+    def stats(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"uptime_s": round(time.time() - self.started, 3),
+                               "datapath": self.datapath.stats()}
+        if self.engine is not None:
+            out["engine"] = {"rules_version": self.engine.rules_version,
+                             "timers": len(self.engine.timers()), **dict(self.engine.stats)}
+        inner_stats = getattr(self.sink, "stats", None) if self.sink is not None else None
+        if callable(inner_stats):
+            with contextlib.suppress(Exception):
+                out["log"] = inner_stats()
+        if self.mgmt is not None:
+            mg = dict(self.mgmt.counters)
+            if self.mgmt_handler is not None:
+                mg.update({f"handler_{k}": v for k, v in self.mgmt_handler.counters.items()})
+            out["management"] = mg
+        if self.monitor is not None:
+            out["monitor"] = dict(self.monitor.counters)
+        if self.control is not None:
+            out["control"] = {"requests": self.control.requests, "errors": self.control.errors}
+        return out
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.control is not None:
+            try:
+                await self.control.close()
+            except Exception as e:
+                log.error("closing the control socket: %s", e)
+        if self.monitor is not None:
+            with contextlib.suppress(Exception):
+                self.monitor.close()
+        if self.mgmt is not None:
+            with contextlib.suppress(Exception):
+                self.mgmt.close()
+        self.control = self.monitor = self.mgmt = None
+
+
+def _engine_submit(engine: Any) -> Callable[[Event], None]:
+    def submit(ev: Event) -> None:
+        engine.submit(ev, ev.time)  # events carry the wall-clock time they arrived
+
+    return submit
+
+
+async def start_services(cfg: Config, datapath: Any, engine: Any = None, driver: Any = None,
+                         sink: Any = None, *,
+                         on_failure: Callable[[str], None] | None = None) -> Services:
+    """Start the management port, the netlink monitor and the control socket on the
+    running loop (see the module doc). Never raises: a failure of the management port is
+    reported to ``on_failure`` (default: ``datapath.on_failure``) after closing what was
+    started; the control socket's and the monitor's failures are logged."""
+    loop = asyncio.get_running_loop()
+    svc = Services(cfg, datapath, engine, driver, sink)
+    fail = on_failure or getattr(datapath, "on_failure", None)
+
+    # the decision history behind ``why``: wrap the sink both sides log to
+    hist = HistorySink(datapath.sink)
+    datapath.sink = hist
+    if engine is not None:
+        engine.sink = hist
+    svc.history = hist
+
+    submit: Callable[[Event], None]
+    if engine is not None:
+        submit = _engine_submit(engine)
+    else:
+        svc.mgmt_handler = MinimalMgmtHandler(datapath)
+        submit = svc.mgmt_handler
+    try:
+        from vstack.management import ManagementServer
+
+        svc.mgmt = ManagementServer.from_config(loop, cfg.management, submit)
+        if svc.mgmt is not None:
+            await svc.mgmt.start()
+    except (OSError, ValueError) as e:
+        svc.mgmt = None
+        msg = f"management.listen {cfg.management.listen!r}: {e}"
+        log.error("%s", msg)
+        await svc.close()
+        if fail is not None:
+            fail(msg)
+        return svc
+
+    if engine is not None:
+        try:
+            from vstack.monitor import NetlinkMonitor
+
+            ifnames = list(cfg.monitor.interfaces) or None
+            mon = NetlinkMonitor(loop, submit, ifnames=ifnames)
+            mon.start()
+            svc.monitor = mon
+            await asyncio.wait_for(asyncio.shield(mon.ready), timeout=5.0)
+            log.info("netlink monitor: %s -> rules",
+                     ", ".join(ifnames) if ifnames else "all interfaces")
+        except Exception as e:  # OSError, TimeoutError, pyroute2's
+            log.error("netlink monitor not started: %s", e)
+            if svc.monitor is not None:
+                svc.monitor.close()
+                svc.monitor = None
+
+    try:
+        from vstack.control import ControlServer
+
+        ctl = ControlServer(cfg.control.socket, svc.handlers())
+        await ctl.start()
+        svc.control = ctl
+    except Exception as e:
+        log.error("control socket not started (vstack flows/why/switch/stats unavailable): "
+                  "%s", e)
+    return svc
