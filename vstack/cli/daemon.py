@@ -143,6 +143,7 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
         stop.set()
 
     dp.on_failure = on_failure
+    services: Any = None
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -167,6 +168,9 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
 
         loop.add_signal_handler(signal.SIGHUP, reload)
         dp.attach(vnic.tun.fd, loop)
+        from vstack.services import start_services  # management, monitor, control socket
+
+        services = await start_services(cfg, dp, engine, driver, sink)
         v = vnic.describe()
         log.info("vstack ready: device %s (%s, %s), routes %s via table %d, fwmark 0x%x, "
                  "default stack %s", v["name"], v["address4"] or "-", v["address6"] or "-",
@@ -182,6 +186,8 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
                 log.info("counters %s", " ".join(f"{k}={v}" for k, v in s.items()))
                 last = s
     finally:
+        if services is not None:
+            await services.close()
         s = dp.stats()
         dp.close()
         if driver is not None:
