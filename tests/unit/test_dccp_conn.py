@@ -409,9 +409,7 @@ def test_missing_confirm_means_change_is_retransmitted() -> None:
     assert p.s is not None and p.s.state == State.OPEN
     assert ("R", ft.SEND_ACK_VECTOR) in p.s.features.pending_features()
     # the feature timer makes the server send an Ack carrying the Change again
-    n_changes = sum(
-        1 for d, pk in p.log if d == "c" for o in pk.options if isinstance(o, ChangeR)
-    )
+    n_changes = sum(1 for d, pk in p.log if d == "c" for o in pk.options if isinstance(o, ChangeR))
     p.settle(max_time=2.0)
     n_after = sum(1 for d, pk in p.log if d == "c" for o in pk.options if isinstance(o, ChangeR))
     assert n_after > n_changes

@@ -119,9 +119,7 @@ class Ccid2Sender:
         if self._rto_deadline is None:
             self._rto_deadline = now + self.rto
 
-    def on_ack(
-        self, ackno: int, ranges: Sequence[AckRange] | None, now: float
-    ) -> AckResult:
+    def on_ack(self, ackno: int, ranges: Sequence[AckRange] | None, now: float) -> AckResult:
         """Process an acknowledgement (RFC 4341 §5, §6).
 
         ``ranges`` is the decoded Ack Vector (None if the packet had none; then
@@ -179,9 +177,7 @@ class Ccid2Sender:
             return AckResult()
         return self.on_ack(ackno, [AckRange(ackno, low, CellState.RECEIVED)], now)
 
-    def _match_ranges(
-        self, ranges: Sequence[AckRange], acked: set[int], marked: set[int]
-    ) -> None:
+    def _match_ranges(self, ranges: Sequence[AckRange], acked: set[int], marked: set[int]) -> None:
         out = list(self._out)  # ascending (send order)
         # ranges are descending and disjoint; walk both from the top
         i = len(out) - 1

@@ -259,9 +259,7 @@ def _build_table() -> dict[tuple[State, PacketType], Transition]:
         # server handshake
         (State.RESPOND, PT.REQUEST): Transition("_on_dup_request", None, "§8.5 step 11"),
         (State.RESPOND, PT.ACK): Transition("_on_handshake_ack", State.OPEN, "§8.1.5, step 11"),
-        (State.RESPOND, PT.DATAACK): Transition(
-            "_on_handshake_ack", State.OPEN, "§8.1.5, step 11"
-        ),
+        (State.RESPOND, PT.DATAACK): Transition("_on_handshake_ack", State.OPEN, "§8.1.5, step 11"),
         (State.RESPOND, PT.RESET): Transition("_on_reset", State.TIMEWAIT, "§8.5 step 9"),
         (State.RESPOND, PT.CLOSE): Transition("_on_close", State.CLOSED, "§8.5 step 14"),
         (State.RESPOND, PT.SYNC): Transition("_on_sync", None, "§8.5 step 15"),
@@ -844,9 +842,14 @@ class DccpConnection:
 
     # ---- closing ---------------------------------------------------------------------
     def _maybe_start_close(self, now: float) -> None:
-        if not self._close_pending or self._queue or self.state not in (
-            State.OPEN,
-            State.PARTOPEN,
+        if (
+            not self._close_pending
+            or self._queue
+            or self.state
+            not in (
+                State.OPEN,
+                State.PARTOPEN,
+            )
         ):
             return
         self._close_pending = False
