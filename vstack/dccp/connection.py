@@ -842,16 +842,9 @@ class DccpConnection:
 
     # ---- closing ---------------------------------------------------------------------
     def _maybe_start_close(self, now: float) -> None:
-        if (
-            not self._close_pending
-            or self._queue
-            or self.state
-            not in (
-                State.OPEN,
-                State.PARTOPEN,
-            )
-        ):
-            return
+        open_ = self.state in (State.OPEN, State.PARTOPEN)
+        if not self._close_pending or self._queue or not open_:
+            return  # the Close waits until every queued datagram has been sent
         self._close_pending = False
         if self.is_server:
             self.state = State.CLOSEREQ  # §8.3: the server asks the client to close
