@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from vstack.dccp import connection as dc
 from vstack.dccp.packet import DccpPacket, DccpParseError, decode, encode
-from vstack.dccp.transport import DccpSocket, RxDatagram, TransportError, open_socket
+from vstack.dccp.transport import (
+    DccpSocket,
+    RawDccpSocket,
+    RxDatagram,
+    TransportError,
+    open_socket,
+)
 
 if TYPE_CHECKING:
     from vstack.cli.serve import BinCounter
@@ -212,6 +218,8 @@ class DccpClient:
             self.local_port = int(getattr(self.sock, "port", 0))
         else:
             self.local_port = random.randint(20000, 60999)
+        if isinstance(self.sock, RawDccpSocket):
+            self.sock.filter_port(self.local_port)  # only our packets wake us
         cfg = dc.DccpConfig(service_code=service_code, **(conn_options or {}))
         self.conn = dc.DccpConnection.client(sport=self.local_port, dport=remote[1],
                                              config=cfg)
@@ -318,6 +326,8 @@ class DccpServer:
         loop = asyncio.get_running_loop()
         sock = open_socket(transport, family, bind=bind, port=port, fwmark=fwmark,
                            device=device)
+        if isinstance(sock, RawDccpSocket):
+            sock.filter_port(port)
         srv = cls(sock, port, service_code, echo, counter, loop, on_datagram, conn_options)
         sock.attach(loop, srv._rx)
         return srv

@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import ctypes
 import errno
 import ipaddress
 import socket
@@ -43,6 +44,7 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 DATAPATH_MARK = 0x5654
 MAX_DATAGRAM = 65535
 _RECV_BATCH = 256
@@ -246,6 +248,45 @@ class RawDccpSocket(DccpSocket):
 
     def source_for(self, remote: str) -> str:
         return self._bound or super().source_for(remote)
+
+    def filter_port(self, port: int) -> bool:
+        """Let the kernel pass only packets whose DCCP destination port is ``port``.
+
+        Every protocol-33 packet reaches every raw socket, so without this each connection's
+        socket would wake for all the others' packets. A classic BPF program (SO_ATTACH_FILTER)
+        reads the Dest Port: IPv4 raw sockets see the IP header first (skip IHL words),
+        IPv6 ones start at the DCCP header. The endpoint still checks the ports itself.
+        Returns False (no filter, nothing else changes) if the kernel refuses it.
+        """
+        if not 0 < port < 65536:
+            raise TransportError(errno.EINVAL, f"bad port {port}")
+        if self.family == socket.AF_INET:
+            prog = [
+                (0xB1, 0, 0, 0),  # ldxb 4*([0]&0xf)
+                (0x48, 0, 0, 2),  # ldh [x + 2]
+                (0x15, 0, 1, port),  # jeq #port, accept, drop
+                (0x06, 0, 0, 0xFFFF),  # ret #65535
+                (0x06, 0, 0, 0),  # ret #0
+            ]
+        else:
+            prog = [
+                (0x28, 0, 0, 2),  # ldh [2]
+                (0x15, 0, 1, port),
+                (0x06, 0, 0, 0xFFFF),
+                (0x06, 0, 0, 0),
+            ]
+        code = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+        buf = ctypes.create_string_buffer(code)
+        fprog = struct.pack("HL", len(prog), ctypes.addressof(buf))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        except OSError:
+            return False
+        # packets queued before the filter was attached would still be read: drain them
+        with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+            for _ in range(1024):
+                self.sock.recv(MAX_DATAGRAM)
+        return True
 
     def recv_one(self) -> RxDatagram | None:
         s = self.sock
