@@ -31,7 +31,9 @@ def test_gaps_loss_and_ratio(tmp_path: Path) -> None:
     udp = {k: 10 for k in range(0, 100)} | {k: 10 for k in range(200, 300)}
     dccp = {k: 10 for k in range(105, 200)}
     run = _run(tmp_path, udp, dccp, sent=3000)
+    run.daemon_log = "INFO vstack.dccp: dccp to 10.0.0.2:7001 open (CCID 2) after 6.5 ms, 3 queued"
     f = analyse(run, tmp_path)
+    assert f.handshake_ms == 6.5
     assert f.received_udp == 2000 and f.received_dccp == 950
     assert f.lost == 50
     assert f.first_switch_gap_ms == 50.0
