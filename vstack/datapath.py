@@ -52,6 +52,7 @@ from vstack.execution.engine import EngineError, StackEngine
 from vstack.execution.flows import FlowTable
 from vstack.execution.nat import NatTable
 from vstack.execution.selector import Decision, FlowInfo, StackSelector
+from vstack.execution.stacks import load_builtin as load_builtin_stacks
 from vstack.execution.stacks.base import StackError
 from vstack.execution.stacks.raw import RawSockets
 from vstack.execution.stacks.udp import UdpStack  # noqa: F401  (registers "udp")
@@ -91,6 +92,7 @@ class Datapath:
     def __init__(self, config: Config, selector: StackSelector | None = None,
                  sink: DecisionSink | None = None) -> None:
         self.config = config
+        load_builtin_stacks()  # every stack the config or a rule may name
         ex = config.execution
         self.selector: StackSelector = selector or StaticSelector(ex.default_stack)
         self.sink: DecisionSink = sink or NullSink()
