@@ -11,6 +11,7 @@ _MODULES = (
     "vstack.cli.daemon",  # run, demo
     "vstack.cli.bench_datapath",  # bench throughput, bench flows
     "vstack.cli.serve",  # serve udp, serve dccp
+    "vstack.cli.serve_stream",  # serve tcp, serve mptcp, serve udplite
     "vstack.cli.bench_dccp",  # bench switch
     "vstack.cli.rules",  # rules check
     "vstack.cli.bench_decide",  # bench decide
