@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 import socket
 import struct
@@ -180,6 +181,20 @@ def _ports(data: bytes) -> tuple[int, int] | None:
     return sp, dp
 
 
+# Raw DCCP has no kernel port reservation (the host has no DCCP): this process's clients
+# must not pick the same local port towards the same peer, or their packets would mix.
+_ports_in_use: set[tuple[tuple[str, int], int]] = set()
+
+
+def _allocate_port(remote: tuple[str, int]) -> int:
+    for _ in range(1000):
+        port = random.randint(20000, 60999)
+        if (remote, port) not in _ports_in_use:
+            _ports_in_use.add((remote, port))
+            return port
+    raise TransportError(errno.EADDRINUSE, f"no free local DCCP port towards {remote}")
+
+
 def _is_failure(ev: Any) -> bool:
     """An event that ends a connection that is not ours to end (ConnectionClosed follows)."""
     return isinstance(ev, dc.ResetReceived | dc.PeerTimeout | dc.ProtocolError)
@@ -217,7 +232,7 @@ class DccpClient:
         if transport == "udp":
             self.local_port = int(getattr(self.sock, "port", 0))
         else:
-            self.local_port = random.randint(20000, 60999)
+            self.local_port = _allocate_port(remote)
         if isinstance(self.sock, RawDccpSocket):
             self.sock.filter_port(self.local_port)  # only our packets wake us
         cfg = dc.DccpConfig(service_code=service_code, **(conn_options or {}))
@@ -253,6 +268,7 @@ class DccpClient:
         """Abort without packets and free the socket; idempotent."""
         self.ep.abort()
         self.sock.close()
+        _ports_in_use.discard((self.remote, self.local_port))
 
     @property
     def is_open(self) -> bool:
