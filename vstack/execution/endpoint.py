@@ -10,14 +10,17 @@ the payload, a length patch, and one ``write`` into the TUN.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
+from typing import Any
 
 from vstack.analysis.flowkey import FlowKey
 from vstack.analysis.packet import UDPTemplate
 
 
 class Endpoint:
-    __slots__ = ("_build", "_write", "bytes_in", "errors", "key", "packets_in")
+    __slots__ = ("_build", "_gso", "_gso_write", "_write", "bytes_in", "errors", "key",
+                 "packets_in")
 
     def __init__(self, key: FlowKey, write: Callable[[bytes], object]) -> None:
         self.key = key
@@ -27,6 +30,38 @@ class Endpoint:
         self.packets_in = 0
         self.bytes_in = 0
         self.errors = 0
+        self._gso: Any = None  # vstack.vnic.offload.GsoReply once enable_gso() was called
+        self._gso_write: Callable[[bytes, Any], object] | None = None
+
+    def enable_gso(self, write: Callable[[bytes, Any], object] | None) -> None:
+        """Write coalesced replies as one GSO super-packet: ``write(head, body)`` writes
+        the vnet + IP/UDP header ``head`` and then ``body`` into the TUN (issue 6)."""
+        from vstack.vnic.offload import GsoReply
+
+        k = self.key
+        fam = socket.AF_INET6 if k.family == 6 else socket.AF_INET
+        self._gso = GsoReply(socket.inet_pton(fam, k.dst), socket.inet_pton(fam, k.src),
+                             k.dport, k.sport)
+        self._gso_write = write
+
+    def deliver_gso(self, buf: bytes, seg: int) -> None:
+        """A coalesced reply (``UDP_GRO``): datagrams of ``seg`` bytes in ``buf`` (the last
+        may be shorter) -> the application, as one super-packet if enabled, else one by
+        one."""
+        n = len(buf)
+        gso, write = self._gso, self._gso_write
+        if write is None or n > gso.max_payload or seg <= 0:
+            mv = memoryview(buf)
+            for i in range(0, n, seg if seg > 0 else n or 1):
+                self.deliver(bytes(mv[i:i + seg] if seg > 0 else mv))
+            return
+        try:
+            write(gso.build(n, seg), buf)
+        except (OSError, ValueError):
+            self.errors += 1
+            return
+        self.packets_in += -(-n // seg)
+        self.bytes_in += n
 
     def reply(self, payload: bytes) -> bytes:
         """The packet that carries ``payload`` to the application (for tests)."""

@@ -116,7 +116,8 @@ class StackEngine:
         ctx = StackContext(loop=self.loop, family=self.key.family, target=target,
                            deliver=ep.deliver if ep is not None else _no_deliver,
                            on_error=self._stack_error, fwmark=self.fwmark,
-                           interface=self.interface, options=opts)
+                           interface=self.interface, options=opts,
+                           deliver_gso=ep.deliver_gso if ep is not None else None)
         try:
             st = cls(ctx)
             st.open()

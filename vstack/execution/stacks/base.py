@@ -48,6 +48,10 @@ class StackContext:
     fwmark: int = 0  # SO_MARK for egress sockets, so they bypass the VNIC
     interface: str | None = None  # SO_BINDTODEVICE when set
     options: dict[str, Any] = field(default_factory=dict)
+    # a coalesced reply (UDP_GRO: ``buf`` holds datagrams of ``seg`` bytes, the last may be
+    # shorter) -> the application; the endpoint writes one GSO super-packet into the TUN
+    # where the VNIC offloads, else delivers them one by one. None: deliver each.
+    deliver_gso: Callable[[bytes, int], None] | None = None
 
 
 class Stack(abc.ABC):

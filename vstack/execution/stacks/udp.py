@@ -22,6 +22,8 @@ RECV_BATCH = 256
 BUF_SIZE = 4 << 20
 SOL_UDP = 17
 UDP_SEGMENT = 103  # linux/udp.h: UDP GSO, the segment size as a u16 cmsg
+UDP_GRO = 104  # linux/udp.h: coalesce received datagrams; the segment size as an int cmsg
+_GRO_CMSG = socket.CMSG_SPACE(4)
 _GSO_FAILED = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
 log = logging.getLogger("vstack.stack.udp")
 
@@ -58,7 +60,15 @@ class UdpStack(Stack):
         self._sendmsg = s.sendmsg
         self.gso = True
         self._recv = s.recv
-        ctx.loop.add_reader(s.fileno(), self._readable)
+        reader = self._readable
+        if ctx.options.get("gro") and ctx.deliver_gso is not None:
+            try:
+                s.setsockopt(SOL_UDP, UDP_GRO, 1)
+                self._recvmsg = s.recvmsg
+                reader = self._readable_gro
+            except OSError as e:
+                log.warning("UDP_GRO refused (%s): receiving datagrams one by one", e.strerror)
+        ctx.loop.add_reader(s.fileno(), reader)
 
     def _set_tos(self, s: socket.socket, dscp: int) -> None:
         if self.ctx.family == 4:
@@ -137,6 +147,35 @@ class UdpStack(Stack):
             m.packets_in += 1
             m.bytes_in += len(data)
             deliver(data)
+
+    def _readable_gro(self) -> None:
+        """Replies with ``UDP_GRO``: one receive may hold many datagrams of the size the
+        ``UDP_GRO`` cmsg gives; handed on whole (one super-packet into the TUN)."""
+        recvmsg = self._recvmsg
+        deliver = self.ctx.deliver
+        deliver_gso = self.ctx.deliver_gso
+        assert deliver_gso is not None
+        m = self.metrics
+        for _ in range(RECV_BATCH):
+            try:
+                data, anc, _flags, _addr = recvmsg(65535, _GRO_CMSG)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._error(e)
+                return
+            n = len(data)
+            seg = 0
+            for level, kind, val in anc:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    seg = int.from_bytes(val[:4], sys.byteorder)
+            m.bytes_in += n
+            if 0 < seg < n:
+                m.packets_in += -(-n // seg)
+                deliver_gso(data, seg)
+            else:
+                m.packets_in += 1
+                deliver(data)
 
     def retarget(self, target: tuple[str, int]) -> None:
         self.ctx.target = target
