@@ -24,6 +24,7 @@ Example::
     metrics_interval_s = 1.0
     queue_max = 1024
     batch = 64                  # packets read from the TUN per wakeup
+    nice = 0                    # daemon priority; e.g. -10 to run ahead of the apps
 
     [nat."10.201.1.2:9000"]     # virtual destination -> real target, per stack
     udp = "10.201.2.2:9000"
@@ -68,6 +69,7 @@ class ExecutionConfig:
     metrics_interval_s: float = 1.0
     queue_max: int = 1024
     batch: int = 64
+    nice: int = 0  # scheduling priority of the daemon (-20..19); < 0: ahead of the apps
 
 
 @dataclass(slots=True)
@@ -241,6 +243,8 @@ def _validate(cfg: Config) -> None:
     for key in ("max_flows", "queue_max", "batch"):
         if getattr(e, key) < 1:
             raise ConfigError(f"execution.{key}: must be >= 1, got {getattr(e, key)}")
+    if not -20 <= e.nice <= 19:
+        raise ConfigError(f"execution.nice: must be -20..19, got {e.nice}")
     for key in ("idle_timeout_s", "metrics_interval_s"):
         if getattr(e, key) <= 0:
             raise ConfigError(f"execution.{key}: must be > 0, got {getattr(e, key)}")

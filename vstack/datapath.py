@@ -63,6 +63,9 @@ log = logging.getLogger("vstack.datapath")
 flowlog = logging.getLogger("vstack.flow")
 
 UDP = 17
+SMALL_WAKEUP = 2  # packets per wakeup at or below which a quick wakeup pauses reading
+QUICK_WAKEUP_S = 200e-6
+PAUSE_S = 0.0005  # asyncio rounds this up to the selector's 1 ms
 MAX_SEGMENTS = 64  # datagrams per UDP GSO send (the kernel allows 64 or more)
 GSO_BYTES = 65000  # payload bytes per UDP GSO send (one IP packet: < 64 KiB)
 _PORTED = (6, 17, 136)  # protocols whose wire key (classifier.wire_key) carries ports
@@ -117,6 +120,10 @@ class Datapath:
         self._timer: asyncio.TimerHandle | None = None
         self._raw: RawSockets | None = None
         self._last_tick = 0.0
+        self._last_wakeup = 0.0
+        self._paused = False
+        self._failed = False
+        self.pauses = 0  # reading paused for a tick (see _on_tun_readable)
         self._closed = False
         # datapath counters (see stats())
         self.rx_packets = 0
@@ -233,6 +240,25 @@ class Datapath:
         self.rx_packets += n
         self.fast_packets += fast
         self.batched += batched
+        # NAPI-like mitigation: wakeups that find only a packet or two, coming in quick
+        # succession, cost more in epoll + loop dispatch than in packet work. Then pause
+        # reading for one loop tick (~1 ms; the TUN queue holds 4096 packets) so the next
+        # wakeup finds a batch. At low packet rates (wakeups > 200 us apart) nothing waits.
+        if n <= SMALL_WAKEUP and self._loop is not None:
+            now = time.monotonic()
+            quick = now - self._last_wakeup < QUICK_WAKEUP_S
+            self._last_wakeup = now
+            if quick and not self._paused:
+                self._paused = True
+                self._loop.remove_reader(fd)
+                self._loop.call_later(PAUSE_S, self._resume)
+                self.pauses += 1
+
+    def _resume(self) -> None:
+        self._paused = False
+        if not self._closed and not self._failed and self._loop is not None:
+            self._loop.add_reader(self._fd, self._on_tun_readable)
+            self._on_tun_readable()
 
     # ------------------------------------------------------------------ 3: slow path
     def _slow(self, pkt: bytes) -> None:
@@ -394,6 +420,9 @@ class Datapath:
             log.warning("packet error (counted): %s", msg)
 
     def _tun_failed(self, e: OSError) -> None:
+        if self._failed:
+            return
+        self._failed = True
         msg = f"reading the TUN failed: {e.strerror}; the datapath stops"
         log.error("%s", msg)
         if self._loop is not None:
@@ -592,7 +621,8 @@ class Datapath:
         c = self.table.counters()
         return {
             "rx_packets": self.rx_packets, "fast_packets": self.fast_packets,
-            "batched": self.batched, "slow_packets": self.slow_packets, "malformed": self.malformed,
+            "batched": self.batched, "pauses": self.pauses,
+            "slow_packets": self.slow_packets, "malformed": self.malformed,
             "fragments": self.fragments, "dropped": self.dropped, "errors": self.errors,
             "decide_errors": self.decide_errors, "flows": c.current,
             "flows_created": c.created, "flows_expired": c.expired,

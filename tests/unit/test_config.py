@@ -26,6 +26,7 @@ idle_timeout_s = 5
 metrics_interval_s = 0.5
 queue_max = 8
 batch = 16
+nice = -10
 
 [nat."10.201.1.2:9000"]
 udp = "10.201.2.2:9000"
@@ -77,6 +78,7 @@ def test_full_file(tmp_path) -> None:
     assert c.vnic.name == "vs1" and c.vnic.mtu == 1400 and c.vnic.address6 == ""
     assert c.vnic.fwmark == 0x1234
     assert c.execution.idle_timeout_s == 5.0 and isinstance(c.execution.idle_timeout_s, float)
+    assert c.execution.nice == -10
     assert c.nat["10.201.1.2:9000"] == {"udp": Target("10.201.2.2", 9000),
                                         "dccp": Target("10.201.1.2", 5001)}
     assert c.nat["[fd01::2]:9000"]["udp"] == Target("fd02::2", 9001)
@@ -103,6 +105,7 @@ def test_full_file(tmp_path) -> None:
         ("[execution]\nmax_flows = 0", "execution.max_flows:"),
         ("[execution]\nidle_timeout_s = true", "execution.idle_timeout_s: expected a number"),
         ("[execution]\nmetrics_interval_s = -1", "execution.metrics_interval_s:"),
+        ("[execution]\nnice = -30", "execution.nice: must be -20..19"),
         ("[nat.'10.0.0.1:9000']\nudp = 'nowhere:1'", "nat.'10.0.0.1:9000'.udp: not an IP"),
         ("[nat.'10.0.0.1:9000']\nudp = '10.0.0.2:99999'", "nat.'10.0.0.1:9000'.udp: port out"),
         ("[nat.'10.0.0.1:9000']\nudp = '[fd00::1]:9'", "target family differs"),

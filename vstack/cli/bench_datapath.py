@@ -144,6 +144,8 @@ def throughput(
     runs: int = typer.Option(3, "--runs", help="runs per path (alternating), >= 1"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     ipv6: bool = typer.Option(False, "--ipv6", help="send over IPv6 (1452 B payload)"),
+    nice: int = typer.Option(-10, "--nice", help="the daemon's execution.nice (priority "
+                             "over the generator, as the kernel's forwarding has); 0: none"),
 ) -> None:
     """Goodput of 1500-byte packets through vstack vs. the direct kernel path."""
     from vstack.testbed import Testbed, TestbedError
@@ -164,7 +166,8 @@ def throughput(
                         stdout=subprocess.PIPE, text=True)
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
         cfg = Path(tmp) / "bench.toml"
-        cfg.write_text('[vnic]\nname = "vstk0"\n[execution]\nmetrics_interval_s = 1.0\n')
+        cfg.write_text('[vnic]\nname = "vstk0"\n[execution]\nmetrics_interval_s = 1.0\n'
+                       f"nice = {nice}\n")
         log = (Path(tmp) / "daemon.log").open("w+")
         daemon = tb.popen(tb.edge, [sys.executable, "-m", "vstack", "run", "--config",
                                     str(cfg)], stdout=log, stderr=subprocess.STDOUT)
@@ -213,6 +216,7 @@ def throughput(
         "seconds": seconds,
         "payload_bytes": PAYLOAD,
         "family": 6 if ipv6 else 4,
+        "nice": nice,
     }
     if as_json:
         typer.echo(json.dumps(out))

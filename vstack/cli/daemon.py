@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -73,6 +74,11 @@ def serve(cfg: Config, config_path: Path | None = None) -> int:
     except SetupError as e:
         typer.echo(f"vstack: error: {e}", err=True)
         return 1
+    if cfg.execution.nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, cfg.execution.nice)
+        except OSError as e:
+            log.warning("execution.nice = %d: %s", cfg.execution.nice, e.strerror)
     removed: list[str] = []
     try:
         code = asyncio.run(_serve(cfg, config_path, vnic))
