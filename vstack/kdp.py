@@ -180,8 +180,12 @@ class KernelDccpPeer:
                    KDP_VERBOSE="1" if verbose else "0",
                    KDP_SERVICE=hex(DEFAULT_SERVICE), KDP_BOOT_TIMEOUT=str(int(timeout)))
         peer = cls(netns=ns, tap=tap, run_dir=run_dir, env=env)
-        proc = subprocess.run(["bash", str(tools_dir() / "start.sh")], env=env,
-                              capture_output=True, text=True, timeout=timeout + 30)
+        try:
+            proc = subprocess.run(["bash", str(tools_dir() / "start.sh")], env=env,
+                                  capture_output=True, text=True, timeout=timeout + 30)
+        except subprocess.TimeoutExpired as e:
+            peer.stop()
+            raise KdpError(f"start.sh did not finish in {timeout + 30:.0f} s") from e
         if proc.returncode != 0:
             peer.stop()
             raise KdpError(f"start.sh failed (rc={proc.returncode}): "
