@@ -18,6 +18,7 @@ host never collide. Clients must talk to the VM from inside that namespace: use
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -180,6 +181,7 @@ class KernelDccpPeer:
                    KDP_VERBOSE="1" if verbose else "0",
                    KDP_SERVICE=hex(DEFAULT_SERVICE), KDP_BOOT_TIMEOUT=str(int(timeout)))
         peer = cls(netns=ns, tap=tap, run_dir=run_dir, env=env)
+        atexit.register(peer.stop)  # an interrupted test session leaves no VM behind
         try:
             proc = subprocess.run(["bash", str(tools_dir() / "start.sh")], env=env,
                                   capture_output=True, text=True, timeout=timeout + 30)
@@ -216,6 +218,8 @@ class KernelDccpPeer:
         if self._stopped:
             return
         self._stopped = True
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
         subprocess.run(["bash", str(tools_dir() / "stop.sh")], env=self.env,
                        capture_output=True, text=True, timeout=60, check=False)
 
