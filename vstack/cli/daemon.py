@@ -128,7 +128,12 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
             sink.close()
         typer.echo(f"vstack: error: decision.rules: {e}", err=True)
         return 1
-    dp = Datapath(cfg, engine, sink)
+    dp_cls: type[Datapath] = Datapath
+    if vnic.tun.vnet_hdr:  # [vnic] offload: virtio_net_hdr on every packet (issue 6)
+        from vstack.fastpath import OffloadDatapath
+
+        dp_cls = OffloadDatapath
+    dp = dp_cls(cfg, engine, sink)
     driver = None
     if engine is not None:
         from vstack.decision.driver import EngineDriver

@@ -288,10 +288,19 @@ class Vnic:
         except OSError as e:
             raise SetupError(f"cannot write the state file in {RUN_DIR}: {e.strerror}") from None
         try:
-            tun = open_tun(cfg.name)
+            tun = open_tun(cfg.name, vnet_hdr=cfg.offload, multi_queue=cfg.queues > 1)
         except TunError as e:
             state_path(cfg.name).unlink(missing_ok=True)
             raise SetupError(str(e)) from None
+        if cfg.offload:  # issue 6: refused offloads fall back (logged); 0 = none
+            from vstack.vnic.offload import OffloadError, enable_offloads
+
+            try:
+                tun.offloads = enable_offloads(tun.fd)
+            except OffloadError as e:
+                tun.close()
+                state_path(cfg.name).unlink(missing_ok=True)
+                raise SetupError(f"{e} (set [vnic] offload = false)") from None
         self = cls(cfg, tun, state)
         try:
             self._configure(nat or {})

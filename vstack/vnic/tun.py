@@ -35,6 +35,7 @@ class Tun:
     name: str
     vnet_hdr: bool = False
     multi_queue: bool = False
+    offloads: int = 0  # TUN_F_* flags set with TUNSETOFFLOAD (vstack.vnic.offload)
 
     def fileno(self) -> int:
         return self.fd
