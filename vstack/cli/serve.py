@@ -7,9 +7,10 @@ Each runs as a *sink* that counts packets per 10 ms (per-second totals on stdout
     vstack serve dccp --port 7001 [--echo] [--udp-encap] [--bind ADDR] [--csv FILE]
 
 The CSV has one row per 10 ms bin from the first packet to the end, empty bins included:
-``t_mono,packets,bytes`` where ``t_mono`` is the bin's start on CLOCK_MONOTONIC (seconds),
-which every process on the host shares, so ``vstack bench switch`` can line up the bins of
-the UDP and the DCCP server.
+``t_mono,packets,bytes,first,last`` where ``t_mono`` is the bin's start on CLOCK_MONOTONIC
+(seconds), which every process on the host shares, so ``vstack bench switch`` can line up
+the bins of the UDP and the DCCP server; ``first``/``last`` are the arrival times of the
+bin's first and last packet (empty for an empty bin).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ BIN_S = 0.010
 
 @dataclass(slots=True)
 class BinCounter:
-    """Packets and bytes per 10 ms bin, keyed by the bin's index on CLOCK_MONOTONIC."""
+    """Packets and bytes per 10 ms bin, keyed by the bin's index on CLOCK_MONOTONIC, with
+    the arrival times of each bin's first and last packet (gaps finer than a bin)."""
 
     bin_s: float = BIN_S
-    bins: dict[int, list[int]] = field(default_factory=dict)
+    bins: dict[int, list[Any]] = field(default_factory=dict)  # [packets, bytes, first, last]
     packets: int = 0
     bytes: int = 0
 
@@ -47,30 +49,34 @@ class BinCounter:
         k = int(t / self.bin_s)
         b = self.bins.get(k)
         if b is None:
-            self.bins[k] = [1, nbytes]
+            self.bins[k] = [1, nbytes, t, t]
         else:
             b[0] += 1
             b[1] += nbytes
+            b[3] = t
         self.packets += 1
         self.bytes += nbytes
 
-    def rows(self) -> list[tuple[float, int, int]]:
-        """(t_mono, packets, bytes) for every bin from the first to the last, zeros included."""
+    def rows(self) -> list[tuple[float, int, int, float | None, float | None]]:
+        """(t_mono, packets, bytes, first, last) for every bin from the first to the last,
+        empty ones included (first/last None)."""
         if not self.bins:
             return []
         lo, hi = min(self.bins), max(self.bins)
-        out = []
+        out: list[tuple[float, int, int, float | None, float | None]] = []
         for k in range(lo, hi + 1):
-            p, b = self.bins.get(k, (0, 0))
-            out.append((round(k * self.bin_s, 6), p, b))
+            b = self.bins.get(k)
+            t = round(k * self.bin_s, 6)
+            out.append((t, b[0], b[1], b[2], b[3]) if b else (t, 0, 0, None, None))
         return out
 
     def write_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["t_mono", "packets", "bytes"])
-            for t, p, b in self.rows():
-                w.writerow([f"{t:.3f}", p, b])
+            w.writerow(["t_mono", "packets", "bytes", "first", "last"])
+            for t, p, n, first, last in self.rows():
+                w.writerow([f"{t:.3f}", p, n, "" if first is None else f"{first:.6f}",
+                            "" if last is None else f"{last:.6f}"])
 
 
 def read_bins_csv(path: str | Path) -> dict[int, int]:

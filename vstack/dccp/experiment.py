@@ -78,6 +78,7 @@ class SwitchRun:
     udp_csv: str = ""
     dccp_csv: str = ""
     daemon_log: str = ""
+    rate: float = 0.0  # the app's datagrams per second
 
 
 def _wait_line(p: subprocess.Popen[str], needle: str, timeout: float,
@@ -121,7 +122,7 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
     l1 = tb.links[0]
     vdst = f"{l1.server4}:9000"
     udp_t, dccp_t = f"{l1.server4}:7000", f"{l1.server4}:7001"
-    run = SwitchRun(udp_csv=str(out / "udp.csv"), dccp_csv=str(out / "dccp.csv"))
+    run = SwitchRun(udp_csv=str(out / "udp.csv"), dccp_csv=str(out / "dccp.csv"), rate=rate)
     py = sys.executable
     lim = str(seconds + 30)
     udp_srv = tb.popen(tb.server, [py, "-m", "vstack", "serve", "udp", "--port", "7000",
@@ -224,11 +225,38 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
 
 # ------------------------------------------------------------------------------ analysis
 def _bins(path: str) -> dict[int, int]:
-    out: dict[int, int] = {}
+    return _read(path)[0]
+
+
+def _read(path: str) -> tuple[dict[int, int], dict[int, tuple[float, float]]]:
+    """{bin: packets} and {bin: (first, last arrival)} from a server's CSV."""
+    counts: dict[int, int] = {}
+    times: dict[int, tuple[float, float]] = {}
     with contextlib.suppress(FileNotFoundError), open(path, newline="") as f:
         for row in csv.DictReader(f):
-            out[round(float(row["t_mono"]) / BIN_S)] = int(row["packets"])
-    return out
+            k = round(float(row["t_mono"]) / BIN_S)
+            counts[k] = int(row["packets"])
+            if row.get("first"):
+                times[k] = (float(row["first"]), float(row["last"]))
+    return counts, times
+
+
+def _precise_gap(t_switch: float, new: dict[int, tuple[float, float]],
+                 old: dict[int, tuple[float, float]], interval: float,
+                 horizon: float = 2.0) -> float | None:
+    """Milliseconds between the old server's last packet and the new server's first at a
+    switch, less the app's own packet interval (0 when nothing was late). None without the
+    arrival times (an old CSV)."""
+    k0 = int(t_switch / BIN_S)
+    kn = [k for k in range(k0 - 1, k0 + int(horizon / BIN_S)) if k in new]
+    if not kn:
+        return None
+    first_new = new[kn[0]][0]
+    lasts = [old[k][1] for k in range(k0 - int(horizon / BIN_S), kn[0] + 1)
+             if k in old and old[k][1] <= first_new]
+    if not lasts:
+        return None
+    return round(max(0.0, (first_new - max(lasts) - interval) * 1000), 1)
 
 
 @dataclass(slots=True)
@@ -273,7 +301,7 @@ def _gap_after(k_switch: int, new: dict[int, int], old: dict[int, int],
 
 
 def analyse(run: SwitchRun, out_dir: str | Path) -> SwitchFigures:
-    udp, dccp = _bins(run.udp_csv), _bins(run.dccp_csv)
+    (udp, udp_t), (dccp, dccp_t) = _read(run.udp_csv), _read(run.dccp_csv)
     keys = sorted(set(udp) | set(dccp))
     out = Path(out_dir)
     combined = out / "switch.csv"
@@ -288,7 +316,9 @@ def analyse(run: SwitchRun, out_dir: str | Path) -> SwitchFigures:
     for sw in run.switches:
         k = int(sw.t / BIN_S)
         new, old = (dccp, udp) if sw.to == "dccp" else (udp, dccp)
-        gaps.append(_gap_after(k, new, old))
+        new_t, old_t = (dccp_t, udp_t) if sw.to == "dccp" else (udp_t, dccp_t)
+        precise = _precise_gap(sw.t, new_t, old_t, 1.0 / run.rate if run.rate else 0.0)
+        gaps.append(precise if precise is not None else _gap_after(k, new, old))
     first = gaps[0] if gaps else 0.0
     cached = max(gaps[1:]) if len(gaps) > 1 else 0.0
     # empty 10 ms bins while the app was sending (skip the first and last 100 ms)
