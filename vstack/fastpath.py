@@ -59,6 +59,7 @@ class OffloadDatapath(Datapath):
         super().__init__(*args, **kwargs)
         self.super_packets = 0  # GSO super-packets read from the TUN
         self.gso_writes = 0  # GSO super-packets written into the TUN
+        self.split_packets = 0  # super-packets split in user space for the slow path
         self._gso_write: Callable[[bytes, Any], int] | None = None
 
     def attach(self, fd: int, loop: Any = None) -> None:
@@ -93,6 +94,7 @@ class OffloadDatapath(Datapath):
         s = super().stats()
         s["super_packets"] = self.super_packets
         s["gso_writes"] = self.gso_writes
+        s["split_packets"] = self.split_packets
         return s
 
     # ------------------------------------------------------------------ read path
@@ -200,5 +202,7 @@ class OffloadDatapath(Datapath):
             self.malformed += 1
             self.slow_packets += 1
             return
+        if len(pkts) > 1:
+            self.split_packets += 1
         for p in pkts:
             self._slow(p)
