@@ -38,7 +38,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from vstack.datapath import GSO_BYTES, MAX_SEGMENTS, Datapath
+from vstack.datapath import (
+    GSO_BYTES,
+    MAX_SEGMENTS,
+    PAUSE_S,
+    QUICK_WAKEUP_S,
+    SMALL_WAKEUP,
+    Datapath,
+)
 from vstack.execution.engine import StackEngine
 from vstack.vnic import vnet
 from vstack.vnic.offload import to_datagrams
@@ -193,6 +200,16 @@ class OffloadDatapath(Datapath):
         self.fast_packets += fast
         self.batched += batched
         self.super_packets += supers
+        # the same NAPI-like pause as Datapath: quick wakeups that find a packet or two
+        if n <= SMALL_WAKEUP and self._loop is not None:
+            now = time.monotonic()
+            quick = now - self._last_wakeup < QUICK_WAKEUP_S
+            self._last_wakeup = now
+            if quick and not self._paused:
+                self._paused = True
+                self._loop.remove_reader(fd)
+                self._loop.call_later(PAUSE_S, self._resume)
+                self.pauses += 1
 
     def _slow_vnet(self, buf: bytes) -> None:
         try:
