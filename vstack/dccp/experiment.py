@@ -4,8 +4,9 @@ An unmodified UDP application in the edge namespace sends datagrams at a fixed r
 virtual destination. ``vstack run`` (a real daemon: TUN, routes, datapath) carries the flow
 to the UDP server or, through the DCCP stack, to the DCCP server, both in the server
 namespace (``vstack serve udp`` / ``vstack serve dccp``, sinks counting packets per 10 ms).
-Every ``period`` seconds the flow is switched between the two (the configuration's default
-stack, reloaded with SIGHUP: the datapath switches live flows between two packets). The
+Every ``period`` seconds the flow is switched between the two through the daemon's control
+socket (what ``vstack switch`` does; a configuration reload with SIGHUP when there is no
+control socket): the datapath switches the live flow between two packets. The
 first switch to DCCP builds the stack (the handshake); later ones reuse the cached stack.
 
 :func:`run_switch_scenario` runs it on an existing :class:`~vstack.testbed.Testbed` (what
@@ -22,6 +23,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -100,9 +102,54 @@ def _wait_line(p: subprocess.Popen[str], needle: str, timeout: float,
                        f"output: {''.join(sink or [])[-2000:]}")
 
 
+class _Control:
+    """A minimal client of the daemon's control socket (JSON lines, ``vstack.control``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+        self._id = 0
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             timeout: float = 3.0) -> Any:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(self.path)
+            self._sock, self._file = s, s.makefile("rwb")
+        self._id += 1
+        req = {"id": self._id, "method": method, "params": params or {}}
+        self._file.write(json.dumps(req).encode() + b"\n")
+        self._file.flush()
+        resp = json.loads(self._file.readline() or b"{}")
+        if not resp.get("ok"):
+            raise RuntimeError(f"control {method}: {resp.get('error')}")
+        return resp.get("result")
+
+    def find_flow(self, suffix: str, timeout: float = 5.0) -> str | None:
+        """The key of the first flow whose key ends with ``suffix`` ("->addr:port")."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                for f in self.call("flows").get("flows", []):
+                    if str(f.get("flow", "")).endswith(suffix):
+                        return str(f["flow"])
+            time.sleep(0.05)
+        return None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+                self._sock.close()
+            self._sock = None
+
+
 def _config(name: str, vdst: str, udp_target: str, dccp_target: str, stack: str,
-            transport: str) -> str:
+            transport: str, control: str) -> str:
     return (f'[vnic]\nname = "{name}"\n'
+            f'[control]\nsocket = "{control}"\n'
             f'[execution]\ndefault_stack = "{stack}"\nmetrics_interval_s = 1.0\n'
             f'[nat."{vdst}"]\nudp = "{udp_target}"\ndccp = "{dccp_target}"\n'
             f'[stacks.dccp]\ntransport = "{transport}"\n')
@@ -140,12 +187,14 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
     server_lines: dict[str, list[str]] = {"udp": [], "dccp": []}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "vstack.toml"
+        ctl_path = str(Path(tmp) / "control.sock")
+        ctl = _Control(ctl_path)
         name = f"vb{secrets.token_hex(3)}"
         stacks = ["udp", "dccp"]
 
         def write_cfg(stack: str) -> None:
             tmpf = cfg.with_suffix(".tmp")
-            tmpf.write_text(_config(name, vdst, udp_t, dccp_t, stack, transport))
+            tmpf.write_text(_config(name, vdst, udp_t, dccp_t, stack, transport, ctl_path))
             os.replace(tmpf, cfg)
 
         write_cfg("udp")
@@ -178,6 +227,11 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
             procs.append(app)
             _wait_line(app, "app ready", 20)
             t_start = time.monotonic()
+            # switch through the control socket (vstack switch): the daemon does nothing
+            # else then; without it, a reloaded configuration (SIGHUP) does the same
+            flow = ctl.find_flow(f"->{vdst}")
+            say(f"switch: flow {flow} via the control socket" if flow else
+                "switch: no control socket; switching by configuration reload (SIGHUP)")
             i = 0
             seen = {"udp"}  # the flow starts on UDP: that stack exists from the start
             while app.poll() is None:
@@ -185,9 +239,17 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
                 if now - t_start >= period * (i + 1) and now - t_start < seconds - 0.5:
                     i += 1
                     to = stacks[i % 2]
-                    write_cfg(to)
+                    write_cfg(to)  # new flows (and a SIGHUP) follow the same choice
                     run.switches.append(Switch(time.monotonic(), to, to in seen))
-                    os.kill(daemon.pid, signal.SIGHUP)
+                    if flow is not None:
+                        try:
+                            ctl.call("switch", {"flow": flow, "stack": to})
+                        except (OSError, RuntimeError, ValueError) as e:
+                            say(f"switch: control socket failed ({e}); using SIGHUP")
+                            flow = None
+                            os.kill(daemon.pid, signal.SIGHUP)
+                    else:
+                        os.kill(daemon.pid, signal.SIGHUP)
                     seen.add(to)
                     say(f"switch: t={now - t_start:5.1f}s -> {to}"
                         f"{' (cached stack)' if run.switches[-1].cached else ' (new stack)'}")
@@ -205,6 +267,7 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
                 run.sent = int(parts[parts.index("sent") + 1])
             time.sleep(1.0)  # let the tail of the flow arrive
         finally:
+            ctl.close()
             for p in reversed(procs):
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
@@ -411,9 +474,9 @@ def summary_lines(figs: SwitchFigures) -> Sequence[str]:
     return [
         f"sent {figs.sent}, received udp {figs.received_udp} + dccp {figs.received_dccp}, "
         f"lost {figs.lost}",
-        f"switches {figs.switches}: gaps (ms) {', '.join(f'{g:.0f}' for g in figs.switch_gaps_ms)}",
-        f"first switch gap {figs.first_switch_gap_ms:.0f} ms (DCCP handshake "
-        f"{figs.handshake_ms:.1f} ms), cached switch gap {figs.cached_switch_gap_ms:.0f} ms, "
+        f"switches {figs.switches}: gaps (ms) {', '.join(f'{g:.1f}' for g in figs.switch_gaps_ms)}",
+        f"first switch gap {figs.first_switch_gap_ms:.1f} ms (DCCP handshake "
+        f"{figs.handshake_ms:.1f} ms), cached switch gap {figs.cached_switch_gap_ms:.1f} ms, "
         f"empty 10 ms bins {figs.empty_bins}",
         f"goodput udp {figs.udp_pps:.0f} pkt/s, dccp {figs.dccp_pps:.0f} pkt/s, "
         f"dccp/udp {figs.dccp_udp_ratio:.3f}",
