@@ -55,7 +55,7 @@ log = logging.getLogger("vstack.services")
 
 HISTORY_PER_FLOW = 32  # decisions kept per flow for ``vstack why``
 HISTORY_FLOWS = 4096  # flows kept (least recently decided dropped first)
-_MERGE_S = 1.0  # an engine record this close after the actuator's own is the same action
+_MERGE_S = 1.0  # engine record this close to the actuator's own record (either clock): same action
 
 
 class UnknownFlow(LookupError):
@@ -145,7 +145,7 @@ class HistorySink:
         if h and rec["facts"]:
             prev = h[-1]
             if (not prev["facts"] and prev["rule"] == rec["rule"]
-                    and 0 <= now - prev["time"] < _MERGE_S):
+                    and abs(now - prev["time"]) < _MERGE_S):
                 h[-1] = {**prev, **rec}
                 return
         h.append(rec)
