@@ -80,14 +80,25 @@ def serve(cfg: Config, config_path: Path | None = None) -> int:
         except OSError as e:
             log.warning("execution.nice = %d: %s", cfg.execution.nice, e.strerror)
     removed: list[str] = []
+    global _WORKERS
     try:
+        if cfg.vnic.queues > 1:  # issue 6: one worker process per extra TUN queue
+            from vstack.workers import spawn
+
+            _WORKERS = spawn(cfg, config_path, vnic.tun, cfg.vnic.queues)
         code = asyncio.run(_serve(cfg, config_path, vnic))
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # let teardown finish
             signal.signal(sig, signal.SIG_IGN)
+        if _WORKERS is not None:
+            _WORKERS.stop()
+            _WORKERS = None
         removed = vnic.close()
         log.info("stopped; removed %s", ", ".join(removed) or "nothing")
     return code
+
+
+_WORKERS: Any = None  # vstack.workers.Workers of this daemon (--workers > 1)
 
 
 def _open_sink(cfg: Config) -> Any:
@@ -171,6 +182,8 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
             dp.reload(new)
             if driver is not None:
                 driver.reload()
+            if _WORKERS is not None:
+                _WORKERS.signal(signal.SIGHUP)
             try:
                 vnic.update_nat(new.nat)
             except Exception as e:
@@ -221,11 +234,18 @@ def run(
     stack: str | None = typer.Option(None, "--stack", help="default stack for UDP flows "
                                      "(overrides execution.default_stack)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    workers: int | None = typer.Option(
+        None, "--workers", help="worker processes, one per TUN queue (0: one per core; "
+        "default: [vnic] queues, 1)"),
 ) -> None:
     """Run the vstack daemon: VNIC, routes, datapath, until SIGTERM/SIGINT (SIGHUP reloads)."""
     setup_logging(verbose)
     try:
         cfg = load_config(config, stack)
+        if workers is not None:
+            from vstack.workers import check_workers, default_workers
+
+            cfg.vnic.queues = check_workers(workers or default_workers())
     except ConfigError as e:
         raise _fail(str(e)) from None
     code = serve(cfg, config)
