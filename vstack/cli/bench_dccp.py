@@ -24,6 +24,7 @@ def bench_switch(
     rate: float = typer.Option(1000.0, "--rate", min=10.0, help="app datagrams per second"),
     size: int = typer.Option(200, "--size", min=8, max=1400, help="UDP payload bytes"),
     transport: str = typer.Option("raw", "--transport", help="DCCP transport: raw or udp"),
+    ipv6: bool = typer.Option(False, "--ipv6", help="the app's flow and both servers on IPv6"),
     out: Path | None = typer.Option(None, "--out", help="folder for CSV/PNG (default: temp)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -43,7 +44,7 @@ def bench_switch(
     echo = None if as_json else typer.echo
     try:
         figs = run_bench(out_dir, seconds=seconds, period=period, rate=rate, size=size,
-                         transport=transport, echo=echo)
+                         transport=transport, echo=echo, ipv6=ipv6)
     except (RuntimeError, OSError) as e:
         typer.echo(f"vstack bench switch: {e}", err=True)
         raise typer.Exit(1) from e

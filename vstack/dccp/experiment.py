@@ -159,7 +159,7 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
                         period: float = 5.0, rate: float = 1000.0, size: int = 200,
                         transport: str = "raw",
                         echo: Callable[[str], None] | None = None,
-                        live_counts: bool = False) -> SwitchRun:
+                        live_counts: bool = False, ipv6: bool = False) -> SwitchRun:
     """Run the experiment on testbed ``tb`` (edge + server namespaces); CSVs go to
     ``out_dir``. ``echo`` receives progress lines (the demo prints them); with
     ``live_counts`` also each server's per-second counts as they come."""
@@ -167,16 +167,18 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     l1 = tb.links[0]
-    vdst = f"{l1.server4}:9000"
-    udp_t, dccp_t = f"{l1.server4}:7000", f"{l1.server4}:7001"
+    server = l1.server6 if ipv6 else l1.server4
+    host = f"[{server}]" if ipv6 else server
+    vdst = f"{host}:9000"
+    udp_t, dccp_t = f"{host}:7000", f"{host}:7001"
     run = SwitchRun(udp_csv=str(out / "udp.csv"), dccp_csv=str(out / "dccp.csv"), rate=rate)
     py = sys.executable
     lim = str(seconds + 30)
     udp_srv = tb.popen(tb.server, [py, "-m", "vstack", "serve", "udp", "--port", "7000",
-                                   "--bind", l1.server4, "--csv", run.udp_csv,
+                                   "--bind", server, "--csv", run.udp_csv,
                                    "--seconds", lim],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    dccp_args = [py, "-m", "vstack", "serve", "dccp", "--port", "7001", "--bind", l1.server4,
+    dccp_args = [py, "-m", "vstack", "serve", "dccp", "--port", "7001", "--bind", server,
                  "--csv", run.dccp_csv, "--seconds", lim]
     if transport == "udp":
         dccp_args.append("--udp-encap")
@@ -221,7 +223,7 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
             for name, p in (("udp", udp_srv), ("dccp", dccp_srv)):
                 threading.Thread(target=pump, args=(p, server_lines[name], live_counts),
                                  daemon=True).start()
-            app = tb.popen(tb.edge, [py, "-c", APP, l1.server4, "9000", str(rate),
+            app = tb.popen(tb.edge, [py, "-c", APP, server, "9000", str(rate),
                                      str(seconds), str(size)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             procs.append(app)
@@ -457,13 +459,14 @@ def _period(run: SwitchRun) -> float:
 
 def bench_switch(out_dir: str | Path, *, seconds: float = 30.0, period: float = 5.0,
                  rate: float = 1000.0, size: int = 200, transport: str = "raw",
-                 echo: Callable[[str], None] | None = None) -> SwitchFigures:
+                 echo: Callable[[str], None] | None = None,
+                 ipv6: bool = False) -> SwitchFigures:
     """Build a testbed, run the scenario, analyse and plot. Needs root."""
     from vstack.testbed import Testbed
 
     with Testbed(prefix="vb") as tb:
         run = run_switch_scenario(tb, out_dir, seconds=seconds, period=period, rate=rate,
-                                  size=size, transport=transport, echo=echo)
+                                  size=size, transport=transport, echo=echo, ipv6=ipv6)
     figs = analyse(run, out_dir)
     figs.png = plot(figs, run, Path(out_dir) / "switch.png")
     (Path(out_dir) / "daemon.log").write_text(run.daemon_log)
