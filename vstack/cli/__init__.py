@@ -9,7 +9,8 @@ from vstack.cli.app import app
 # Each module registers its commands on import.
 _MODULES = (
     "vstack.cli.daemon",  # run, demo
-    "vstack.cli.bench_datapath",  # bench throughput, bench flows
+    "vstack.cli.bench_datapath",  # bench throughput
+    "vstack.cli.bench_speed",  # bench flows (+ throughput --sender/--stack/--workers)
     "vstack.cli.serve",  # serve udp, serve dccp
     "vstack.cli.serve_stream",  # serve tcp, serve mptcp, serve udplite
     "vstack.cli.bench_dccp",  # bench switch

@@ -146,9 +146,23 @@ def throughput(
     ipv6: bool = typer.Option(False, "--ipv6", help="send over IPv6 (1452 B payload)"),
     nice: int = typer.Option(-10, "--nice", help="the daemon's execution.nice (priority "
                              "over the generator, as the kernel's forwarding has); 0: none"),
+    sender: str = typer.Option("datagram", "--sender", help="datagram: one send per "
+                               "datagram; gso: UDP_SEGMENT super-packets (issue 6)"),
+    stack: str = typer.Option("udp", "--stack", help="udp, or dccp (alternating with udp)"),
+    workers: int = typer.Option(1, "--workers", help="vstack worker processes (TUN queues)"),
+    flows: int = typer.Option(1, "--flows", help="generator flows (round robin)"),
+    payload: int = typer.Option(0, "--payload", help="datagram payload (0: 1472, dccp 1400)"),
 ) -> None:
     """Goodput of 1500-byte packets through vstack vs. the direct kernel path."""
     from vstack.testbed import Testbed, TestbedError
+
+    if (sender, stack, workers, flows, payload) != ("datagram", "udp", 1, 1, 0):
+        from vstack.cli.bench_speed import run_throughput  # issue 6 variants
+
+        run_throughput(seconds=seconds, runs=runs, as_json=as_json, ipv6=ipv6, nice=nice,
+                       sender=sender, stack=stack, workers=workers, flows=flows,
+                       payload=payload)
+        return
 
     global PAYLOAD
     if runs < 1 or seconds <= 0:

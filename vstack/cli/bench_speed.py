@@ -1,0 +1,382 @@
+"""Issue 6 benchmarks.
+
+``vstack bench throughput --sender {datagram,gso} --stack {udp,dccp} --workers {1,2}
+[--flows K]`` (the options of ``bench throughput``; :func:`run_throughput` does the work
+when any of them differs from the plain run): the generator in the edge netns sends
+1500-byte IP packets either one ``send`` each (``datagram``) or as UDP GSO super-packets
+(``gso``: one ``sendmsg`` with ``UDP_SEGMENT`` carrying 44 datagrams of 1472 B), over K
+flows (connected sockets, round robin), alternately directly (SO_MARK: bypass) and through
+vstack (``--workers`` worker processes on a multi-queue TUN). With ``--stack dccp`` the
+vstack runs alternate between the UDP stack and the DCCP stack (DCCP-UDP to ``vstack
+serve dccp --udp-encap``; the default stack is switched by a config rewrite + SIGHUP
+before each run, so each run's new flow takes it), so the DCCP/UDP ratio comes from the
+same run. Goodput is counted at the server netns' UDP MIB (``InDatagrams`` +
+``RcvbufErrors``: every datagram that reached a socket; for DCCP-UDP these are the DCCP
+packets, nearly all Data/DataAck). Every figure is the median of ``--runs`` alternating
+runs; ratios are taken between medians of the same invocation.
+
+``vstack bench flows [--json]``: the per-flow cost. An in-process :class:`Datapath` on a
+socketpair standing in for the TUN (as ``tests/net/test_datapath_loop.py``), a UDP sink on
+loopback; 10^4, 10^5 (and with ``--max 1000000`` 10^6) new flows, one datagram each:
+new flows per second (the slow path: classify, flow.new, decide, engine, UDP socket,
+first send) and the RSS growth per flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from vstack.cli.app import bench_app
+
+SINK_PORT = 5201
+DCCP_PORT = 5202
+
+GENERATOR = r"""
+import json, resource, socket, sys, time
+dst, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+mark, size, gso, flows = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+socks = []
+for _ in range(flows):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if mark:
+        s.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK: bypass the VNIC
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    s.connect((dst, port))
+    socks.append(s)
+k = max(1, min(64, 65000 // size)) if gso else 1
+buf = bytes(size * k)
+cmsg = [(17, 103, size.to_bytes(2, sys.byteorder))]  # UDP_SEGMENT
+if gso:
+    sends = [(lambda sm=s.sendmsg: sm([buf], cmsg)) for s in socks]
+else:
+    sends = [(lambda se=s.send: se(buf)) for s in socks]
+per = max(1, 512 // k // len(sends))
+calls = errors = 0
+clock = time.perf_counter
+t0 = clock()
+end = t0 + secs
+while True:
+    for send in sends:
+        for _ in range(per):
+            try:
+                send()
+            except OSError:
+                errors += 1
+    calls += per * len(sends)
+    if clock() >= end:
+        break
+el = clock() - t0
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"sent": (calls - errors) * k, "errors": errors, "elapsed": el,
+                  "cpu_s": ru.ru_utime + ru.ru_stime}), flush=True)
+"""
+
+
+def _tree_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` and its children (the workers)."""
+    from vstack.cli.bench_datapath import _cpu_ticks
+
+    total = 0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    for p in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += _cpu_ticks(p)
+    return total
+
+
+def _config(name: str, stack: str, workers: int, nice: int, dst: str, offload: bool) -> str:
+    host = f"[{dst}]" if ":" in dst else dst
+    return (f'[vnic]\nname = "{name}"\nqueues = {workers}\noffload = {str(offload).lower()}\n'
+            f'[execution]\nmetrics_interval_s = 1.0\nnice = {nice}\ndefault_stack = "{stack}"\n'
+            f'[stacks.dccp]\ntransport = "udp"\n'
+            f'[nat."{host}:{SINK_PORT}"]\ndccp = "{host}:{DCCP_PORT}"\n')
+
+
+def _one(tb: Any, mode: str, seconds: float, daemon_pid: int, dst: str, size: int,
+         gso: bool, flows: int) -> dict[str, float]:
+    from vstack.cli.bench_datapath import _sink_counter
+
+    clk = os.sysconf("SC_CLK_TCK")
+    p0, _ = _sink_counter(tb)
+    c0 = _tree_ticks(daemon_pid)
+    t0 = time.monotonic()
+    g = tb.run(tb.edge, [sys.executable, "-c", GENERATOR, dst, str(SINK_PORT), str(seconds),
+                         str(0x5654 if mode == "direct" else 0), str(size), str(int(gso)),
+                         str(flows)], timeout=seconds + 60)
+    time.sleep(0.3)  # let the last packets drain through vstack
+    wall = time.monotonic() - t0
+    c1 = _tree_ticks(daemon_pid)
+    p1, _ = _sink_counter(tb)
+    gen = json.loads(g.stdout.strip().splitlines()[-1])
+    got = p1 - p0
+    el = gen["elapsed"]
+    vs = mode != "direct"
+    return {
+        "gbps": got * size * 8 / el / 1e9,
+        "pps": got / el,
+        "sent": gen["sent"],
+        "received": got,
+        "loss": max(0.0, 1 - got / gen["sent"]) if gen["sent"] else 0.0,
+        "cpu": (c1 - c0) / clk / wall * 100 if vs else 0.0,
+        "us_per_pkt": ((c1 - c0) / clk if vs else gen["cpu_s"]) / max(got, 1) * 1e6,
+    }
+
+
+def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice: int,
+                   sender: str, stack: str, workers: int, flows: int, payload: int,
+                   offload: bool = True) -> None:
+    from vstack.cli.bench_datapath import SINK
+    from vstack.testbed import Testbed, TestbedError
+
+    if sender not in ("datagram", "gso") or stack not in ("udp", "dccp"):
+        typer.echo("vstack: error: --sender datagram|gso, --stack udp|dccp", err=True)
+        raise typer.Exit(2)
+    if runs < 1 or seconds <= 0 or not 1 <= workers <= 64 or flows < 1:
+        typer.echo("vstack: error: --runs >= 1, --seconds > 0, --workers 1..64, --flows >= 1",
+                   err=True)
+        raise typer.Exit(2)
+    size = payload or ((1452 if ipv6 else 1472) if stack == "udp" else (1380 if ipv6 else 1400))
+    try:
+        tb = Testbed(prefix="vb")
+    except TestbedError as e:
+        typer.echo(f"vstack: error: {e}", err=True)
+        raise typer.Exit(1) from None
+    load0 = os.getloadavg()[0]
+    with tb, tempfile.TemporaryDirectory() as tmp:
+        link = tb.links[0]
+        dst = link.server6 if ipv6 else link.server4
+        sink = tb.popen(tb.server, [sys.executable, "-c", SINK, str(SINK_PORT)],
+                        stdout=subprocess.PIPE, text=True)
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        if stack == "dccp":
+            tb.popen(tb.server, [sys.executable, "-m", "vstack", "serve", "dccp", "--port",
+                                 str(DCCP_PORT), "--udp-encap"] + (["--ipv6"] if ipv6 else []),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.5)
+        cfg = Path(tmp) / "bench.toml"
+        cfg.write_text(_config("vstk0", "udp", workers, nice, dst, offload))
+        logpath = Path(tmp) / "daemon.log"
+        logf = logpath.open("w+")
+        daemon = tb.popen(tb.edge, [sys.executable, "-m", "vstack", "run", "--config",
+                                    str(cfg)], stdout=logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        want = "vstack ready"
+        while want not in logpath.read_text() or (
+                workers > 1 and f"worker {workers - 1} ready" not in logpath.read_text()):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                typer.echo("vstack: error: the daemon did not start:\n"
+                           + logpath.read_text()[-2000:], err=True)
+                raise typer.Exit(1)
+            time.sleep(0.05)
+        gso = sender == "gso"
+        modes = ["direct", "udp"] + (["dccp"] if stack == "dccp" else [])
+        res: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        current = "udp"
+
+        def use(st: str) -> None:
+            nonlocal current
+            if st in ("udp", "dccp") and st != current:
+                cfg.write_text(_config("vstk0", st, workers, nice, dst, offload))
+                daemon.send_signal(signal.SIGHUP)
+                time.sleep(0.5)
+                current = st
+
+        for st in modes[1:]:  # warm-up: the first packet of a flow takes the slow path
+            use(st)
+            _one(tb, st, 0.5, daemon.pid, dst, size, gso, flows)
+        for i in range(runs):
+            order = modes if i % 2 == 0 else modes[::-1]
+            for mode in order:
+                use(mode)
+                r = _one(tb, mode, seconds, daemon.pid, dst, size, gso, flows)
+                res[mode].append(r)
+                if not as_json:
+                    typer.echo(f"run {i + 1} {mode:6s}: {r['gbps']:6.2f} Gbit/s "
+                               f"{r['pps'] / 1e3:7.1f} kpps loss {r['loss'] * 100:5.1f}%"
+                               + (f" vstack CPU {r['cpu']:5.1f}%" if mode != "direct" else ""))
+        daemon.terminate()
+        daemon.wait(15)
+        logf.close()
+        counters = [ln for ln in logpath.read_text().splitlines() if "final counters" in ln]
+
+    def med(mode: str, k: str) -> float:
+        return statistics.median(r[k] for r in res[mode])
+
+    vmode = stack
+    out: dict[str, Any] = {
+        "direct_gbps": round(med("direct", "gbps"), 3),
+        "vstack_gbps": round(med(vmode, "gbps"), 3),
+        "direct_pps": round(med("direct", "pps")),
+        "vstack_pps": round(med(vmode, "pps")),
+        "ratio": round(med(vmode, "gbps") / max(med("direct", "gbps"), 1e-9), 3),
+        "loss": round(med(vmode, "loss"), 4),
+        "direct_loss": round(med("direct", "loss"), 4),
+        "vstack_cpu_pct": round(med(vmode, "cpu"), 1),
+        "vstack_cpu_us_per_pkt": round(med(vmode, "us_per_pkt"), 2),
+        "direct_cpu_us_per_pkt": round(med("direct", "us_per_pkt"), 2),
+        "cpu_ratio": round(med("direct", "us_per_pkt") / max(med(vmode, "us_per_pkt"), 1e-9),
+                           3),
+        "runs": runs,
+        "seconds": seconds,
+        "payload_bytes": size,
+        "family": 6 if ipv6 else 4,
+        "nice": nice,
+        "sender": sender,
+        "stack": stack,
+        "workers": workers,
+        "flows": flows,
+        "offload": offload,
+        "loadavg_start": round(load0, 2),
+        "loadavg_end": round(os.getloadavg()[0], 2),
+    }
+    if stack == "dccp":
+        out["udp_gbps"] = round(med("udp", "gbps"), 3)
+        out["dccp_vs_udp"] = round(med("dccp", "gbps") / max(med("udp", "gbps"), 1e-9), 3)
+        out["dccp_loss"] = round(med("dccp", "loss"), 4)
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"direct : {out['direct_gbps']:.2f} Gbit/s {out['direct_pps'] / 1e3:.1f} kpps "
+               f"loss {out['direct_loss'] * 100:.1f}%")
+    typer.echo(f"vstack : {out['vstack_gbps']:.2f} Gbit/s {out['vstack_pps'] / 1e3:.1f} kpps "
+               f"loss {out['loss'] * 100:.1f}%  CPU {out['vstack_cpu_pct']:.0f}% "
+               f"({stack} stack, {workers} worker(s), {sender} sender, {flows} flow(s))")
+    typer.echo(f"ratio  : {out['ratio']:.3f} (vstack / direct, medians of {runs} runs)")
+    if stack == "dccp":
+        typer.echo(f"udp    : {out['udp_gbps']:.2f} Gbit/s; dccp/udp {out['dccp_vs_udp']:.3f}")
+    typer.echo(f"load average {out['loadavg_start']} -> {out['loadavg_end']}")
+    for ln in counters[-workers:]:
+        typer.echo(ln)
+
+
+# ---------------------------------------------------------------------------- flows
+def _rss_kb() -> int:
+    for ln in Path("/proc/self/status").read_text().splitlines():
+        if ln.startswith("VmRSS:"):
+            return int(ln.split()[1])
+    return 0
+
+
+async def _flows_run(counts: list[int]) -> dict[str, Any]:
+    from vstack.analysis.packet import build_udp
+    from vstack.config import Config
+    from vstack.datapath import Datapath
+
+    loop = asyncio.get_running_loop()
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    port = sink.getsockname()[1]
+    cfg = Config()
+    cfg.vnic.fwmark = 0
+    total = max(counts)
+    cfg.execution.max_flows = total + 10
+    cfg.execution.idle_timeout_s = 3600
+    cfg.execution.metrics_interval_s = 3600
+    app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (app, tun):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    app.setblocking(False)
+    dp = Datapath(cfg)
+    dp.attach(tun.fileno(), loop)
+    # 10.x.y.z:p -> sink: a new 5-tuple per packet (built beforehand, outside the timing)
+    gc.collect()
+    rss0 = _rss_kb()
+    out: dict[str, Any] = {"points": []}
+    made = 0
+    t_total = 0.0
+    for target in sorted(counts):
+        pkts = [build_udp(f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", "127.0.0.1",
+                          1024 + (i % 60000), port, b"x") for i in range(made, target)]
+        t0 = time.perf_counter()
+        for j in range(0, len(pkts), 256):
+            for p in pkts[j:j + 256]:
+                while True:
+                    try:
+                        app.send(p)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        while dp.stats()["flows_created"] < target:
+            await asyncio.sleep(0.001)
+        dt = time.perf_counter() - t0
+        t_total += dt
+        n_new = target - made
+        made = target
+        del pkts
+        gc.collect()
+        rss = _rss_kb()
+        out["points"].append({"flows": target, "rss_mb": round(rss / 1024, 1),
+                              "bytes_per_flow": round((rss - rss0) * 1024 / target),
+                              "new_flows_per_s": round(n_new / dt)})
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    out["nofile_limit"] = nofile[0]
+    dp.close()
+    sink.close()
+    return out
+
+
+def run_flows(counts: list[int]) -> dict[str, Any]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max(counts) + 1000
+    if soft < need:  # one UDP socket per flow (root may raise the hard limit too)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(need, hard)))
+        except (ValueError, OSError):
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+    return asyncio.run(_flows_run(counts))
+
+
+@bench_app.command("flows")
+def flows_cmd(
+    max_flows: int = typer.Option(100_000, "--max", help="largest flow count (10^4 .. 10^6)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """RSS per flow and the new-flow rate at 10^4, 10^5 (and 10^6) flows."""
+    counts = [c for c in (10_000, 100_000, 1_000_000) if c <= max_flows] or [max_flows]
+    load0 = os.getloadavg()[0]
+    try:
+        r = run_flows(counts)
+    except OSError as e:
+        typer.echo(f"vstack: error: {e} (one UDP socket per flow: raise the open-file "
+                   "limit, ulimit -n)", err=True)
+        raise typer.Exit(1) from None
+    pts = {p["flows"]: p for p in r["points"]}
+    last = r["points"][-1]
+    ref = pts.get(100_000, last)
+    out = {
+        "bytes_per_flow": ref["bytes_per_flow"],
+        "rss_mb_100k": pts[100_000]["rss_mb"] if 100_000 in pts else None,
+        "new_flows_per_s": ref["new_flows_per_s"],
+        "points": r["points"],
+        "loadavg": round(load0, 2),
+    }
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    for p in r["points"]:
+        typer.echo(f"{p['flows']:>8} flows: RSS {p['rss_mb']:7.1f} MB, "
+                   f"{p['bytes_per_flow']:6d} B/flow, {p['new_flows_per_s']:7d} new flows/s")
+    typer.echo(f"load average {out['loadavg']}")
