@@ -13,7 +13,6 @@ from pathlib import Path
 
 import typer
 
-import vstack.execution.stacks.dccp  # noqa: F401  (registers the "dccp" stack)
 from vstack.cli.app import bench_app
 
 

@@ -48,10 +48,10 @@ def load_config(path: Path | None, stack: str | None) -> Config:
     cfg = load(path) if path is not None else Config()
     if stack:
         cfg.execution.default_stack = stack
+    from vstack.execution.stacks import load_builtin
     from vstack.execution.stacks.base import STACKS
-    from vstack.execution.stacks.raw import RawStack  # noqa: F401  (registers raw)
-    from vstack.execution.stacks.udp import UdpStack  # noqa: F401  (registers udp)
 
+    load_builtin()
     if cfg.execution.default_stack not in STACKS:
         raise ConfigError(f"execution.default_stack: unknown stack "
                           f"{cfg.execution.default_stack!r} (known: {', '.join(sorted(STACKS))})")
