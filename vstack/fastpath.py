@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from vstack.analysis.flowkey import FlowKey
 from vstack.datapath import (
     GSO_BYTES,
     MAX_SEGMENTS,
@@ -45,6 +46,7 @@ from vstack.datapath import (
     QUICK_WAKEUP_S,
     SMALL_WAKEUP,
     Datapath,
+    _fast_key,
 )
 from vstack.execution.engine import StackEngine
 from vstack.vnic import vnet
@@ -68,6 +70,10 @@ class OffloadDatapath(Datapath):
         self.gso_writes = 0  # GSO super-packets written into the TUN
         self.split_packets = 0  # super-packets split in user space for the slow path
         self._gso_write: Callable[[bytes, Any], int] | None = None
+        # per fast-path key: the active stack's send_gso(payload, seg) where it has one
+        # (the UDP stack: one sendmsg of the whole payload with UDP_SEGMENT)
+        self._gso4: dict[bytes, Callable[[memoryview, int], None]] = {}
+        self._gso6: dict[bytes, Callable[[memoryview, int], None]] = {}
 
     def attach(self, fd: int, loop: Any = None) -> None:
         super().attach(fd, loop)
@@ -91,6 +97,24 @@ class OffloadDatapath(Datapath):
             ep.enable_gso(self._gso_write)
         return e
 
+    def _register(self, e: StackEngine) -> None:
+        super()._register(e)
+        if e.key.proto != UDP:
+            return
+        fk = _fast_key(e.key)
+        fast, gso = (self._fast6, self._gso6) if e.key.family == 6 else (self._fast4,
+                                                                         self._gso4)
+        f = getattr(e.active, "send_gso", None) if fk in fast else None
+        if f is None:
+            gso.pop(fk, None)
+        else:
+            gso[fk] = f
+
+    def _unregister(self, key: FlowKey) -> None:
+        super()._unregister(key)
+        if key.proto == UDP:
+            (self._gso6 if key.family == 6 else self._gso4).pop(_fast_key(key), None)
+
     def _stack_options(self, name: str) -> Mapping[str, Any]:
         opts = super()._stack_options(name)
         if name == "udp":
@@ -111,6 +135,8 @@ class OffloadDatapath(Datapath):
         size = self._read_size
         fast4 = self._fast4
         fast6 = self._fast6
+        gso4 = self._gso4
+        gso6 = self._gso6
         batch = self._batch
         tap = self.tap
         n = fast = batched = supers = 0
@@ -138,11 +164,13 @@ class OffloadDatapath(Datapath):
                     if (buf[19] == UDP and not (buf[16] & 0x3F or buf[17])
                             and (gso == _GSO_UDP_L4
                                  or (buf[34] << 8 | buf[35]) == ln - 30 >= 8)):
-                        f = fast4.get(buf[22:34])
+                        fk = buf[22:34]
+                        f = fast4.get(fk)
                         off = 38
                 elif (b0 >> 4 == 6 and buf[16] == UDP
                       and (gso == _GSO_UDP_L4 or (buf[54] << 8 | buf[55]) == ln - 50 >= 8)):
-                    f = fast6.get(buf[18:54])
+                    fk = buf[18:54]
+                    f = fast6.get(fk)
                     off = 58
                 if f is not None:
                     plen = ln - off
@@ -155,9 +183,14 @@ class OffloadDatapath(Datapath):
                                     batched += 1
                                 flush(pend)
                             mv = memoryview(buf)
-                            segs = [mv[i:i + gs] for i in range(off, ln, gs)]
                             supers += 1
-                            fast += len(segs)
+                            count = -(-plen // gs)
+                            fast += count
+                            g = (gso4 if off == 38 else gso6).get(fk)
+                            if g is not None and count <= MAX_SEGMENTS:
+                                g(mv[off:], gs)  # one sendmsg, one buffer, UDP_SEGMENT
+                                continue
+                            segs = [mv[i:i + gs] for i in range(off, ln, gs)]
                             step = max(1, min(MAX_SEGMENTS, GSO_BYTES // gs))
                             if len(segs) <= step:
                                 f(segs)

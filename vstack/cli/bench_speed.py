@@ -138,6 +138,7 @@ def _one(tb: Any, mode: str, seconds: float, daemon_pid: int, dst: str, size: in
         "received": got,
         "loss": max(0.0, 1 - got / gen["sent"]) if gen["sent"] else 0.0,
         "cpu": (c1 - c0) / clk / wall * 100 if vs else 0.0,
+        "gen_cpu": gen["cpu_s"] / el * 100,
         "us_per_pkt": ((c1 - c0) / clk if vs else gen["cpu_s"]) / max(got, 1) * 1e6,
     }
 
@@ -204,16 +205,27 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
         for st in modes[1:]:  # warm-up: the first packet of a flow takes the slow path
             use(st)
             _one(tb, st, 0.5, daemon.pid, dst, size, gso, flows)
+        prof_dir = os.environ.get("VSTACK_PROFILE", "")  # py-spy the daemon: run 1
         for i in range(runs):
             order = modes if i % 2 == 0 else modes[::-1]
             for mode in order:
                 use(mode)
+                spy = None
+                if prof_dir and i == 0 and mode != "direct":
+                    spy = subprocess.Popen(
+                        ["py-spy", "record", "--subprocesses", "--nonblocking", "-f", "raw",
+                         "-d", str(max(1, int(seconds) - 1)), "-p", str(daemon.pid), "-o",
+                         str(Path(prof_dir) / f"{sender}-{mode}-w{workers}.txt")],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 r = _one(tb, mode, seconds, daemon.pid, dst, size, gso, flows)
+                if spy is not None:
+                    spy.wait(30)
                 res[mode].append(r)
                 if not as_json:
                     typer.echo(f"run {i + 1} {mode:6s}: {r['gbps']:6.2f} Gbit/s "
                                f"{r['pps'] / 1e3:7.1f} kpps loss {r['loss'] * 100:5.1f}%"
-                               + (f" vstack CPU {r['cpu']:5.1f}%" if mode != "direct" else ""))
+                               + (f" vstack CPU {r['cpu']:5.1f}%" if mode != "direct" else "")
+                               + f" generator CPU {r['gen_cpu']:5.1f}%")
         daemon.terminate()
         daemon.wait(15)
         logf.close()
@@ -232,6 +244,8 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
         "loss": round(med(vmode, "loss"), 4),
         "direct_loss": round(med("direct", "loss"), 4),
         "vstack_cpu_pct": round(med(vmode, "cpu"), 1),
+        "generator_cpu_pct": round(med(vmode, "gen_cpu"), 1),
+        "direct_generator_cpu_pct": round(med("direct", "gen_cpu"), 1),
         "vstack_cpu_us_per_pkt": round(med(vmode, "us_per_pkt"), 2),
         "direct_cpu_us_per_pkt": round(med("direct", "us_per_pkt"), 2),
         "cpu_ratio": round(med("direct", "us_per_pkt") / max(med(vmode, "us_per_pkt"), 1e-9),
