@@ -320,6 +320,7 @@ def test_bad_reload_keeps_the_old_rules(tb: Any, tmp: Path) -> None:
         echo.terminate()
     assert rc == 0, d.text()[-3000:]
     assert "rules reload failed" in d.text()
+    assert not Path(d.socket).exists()  # the control socket goes with the daemon
 
 
 if __name__ == "__main__":  # pragma: no cover
