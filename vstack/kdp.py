@@ -83,7 +83,9 @@ def unavailable_reason() -> str | None:
         return f"qemu-system-x86_64 not installed; run: bash {tools}/setup.sh"
     b = build_dir()
     if not ((b / "vmlinuz").is_file() and (b / "initramfs.cpio.gz").is_file()):
-        return f"no VM image in {b}; run: bash {tools}/setup.sh"
+        log = Path("/tmp/vstack-kdp-setup.log")
+        seen = f" (its last run failed: see {log})" if log.is_file() else ""
+        return f"no VM image in {b}; run: bash {tools}/setup.sh{seen}"
     if not Path("/dev/net/tun").exists():
         return "no /dev/net/tun"
     return None
