@@ -577,14 +577,19 @@ class Datapath:
         flowlog.info("flow %s: dropping", flow)
 
     def flows(self) -> list[FlowInfo]:
-        out = []
-        for key, e in self.table.items():
-            po, bo, pi, bi, _ = e.totals()
-            out.append(FlowInfo(key, "drop" if e.dropping else e.stack_name or "drop",
-                                e.interface or "",
-                                _fmt_target(e.target), po, pi, bo, bi, e.rule, e.created,
-                                self.table.last_seen(key)))
-        return out
+        return [self._info(key, e) for key, e in self.table.items()]
+
+    def flow_info(self, flow: FlowKey) -> FlowInfo | None:
+        """One flow's view, O(1) (the decision engine reads a flow's current stack and
+        interface before it acts); None if there is no such flow."""
+        e = self.table.get(flow)
+        return None if e is None else self._info(flow, e)
+
+    def _info(self, key: FlowKey, e: StackEngine) -> FlowInfo:
+        po, bo, pi, bi, _ = e.totals()
+        return FlowInfo(key, "drop" if e.dropping else e.stack_name or "drop",
+                        e.interface or "", _fmt_target(e.target), po, pi, bo, bi, e.rule,
+                        e.created, self.table.last_seen(key))
 
     def _log_decision(self, flow: FlowKey, d: Decision) -> None:
         try:
