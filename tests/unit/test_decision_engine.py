@@ -32,6 +32,7 @@ class FakeActuator:
         self.calls: list[tuple[Any, ...]] = []
         self.table: dict[FlowKey, dict[str, str]] = {}
         self.fail: set[str] = set()
+        self.listed = 0  # flows() calls
 
     def add(self, key: FlowKey, d: Decision) -> None:
         self.table[key] = {"stack": d.stack or "udp", "iface": d.interface or ""}
@@ -64,11 +65,27 @@ class FakeActuator:
 
     def flows(self) -> Iterable[FlowInfo]:
         self._maybe_fail("flows")
+        self.listed += 1
         return [FlowInfo(k, v["stack"], v["iface"], "", 0, 0, 0, 0, "", 0.0, 0.0)
                 for k, v in self.table.items()]
 
     def switches(self) -> list[tuple[FlowKey, str]]:
         return [(c[1], c[2]) for c in self.calls if c[0] == "switch"]
+
+
+class LookupActuator(FakeActuator):
+    """Like the Datapath: also answers ``flow_info(key)`` in O(1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looked_up = 0
+
+    def flow_info(self, flow: FlowKey) -> FlowInfo | None:
+        self._maybe_fail("flows")
+        self.looked_up += 1
+        v = self.table.get(flow)
+        return None if v is None else FlowInfo(flow, v["stack"], v["iface"], "", 0, 0, 0, 0,
+                                               "", 0.0, 0.0)
 
 
 class RecordingSink:
@@ -488,3 +505,52 @@ def test_failing_flow_listing_is_counted_and_forgets_nothing(backend: str) -> No
     assert eng.stats["action_errors"] == 1
     assert eng.flow_state(F1) is not None
     assert act.switches() == [(F1, "dccp")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("actuator", [FakeActuator, LookupActuator])
+def test_switches_made_outside_the_engine_are_seen(backend: str,
+                                                   actuator: type[FakeActuator]) -> None:
+    """``vstack switch`` (the control socket) and management handled without rules call
+    the actuator directly: the engine must not act on its stale idea of the flow."""
+    act, sink = actuator(), RecordingSink()
+    eng = DecisionEngine(parse_rules("""
+        rule start: on flow.new then use_stack(udp), use_interface(veth0)
+        rule back: on flow.metrics if loss < 0.01 then use_stack(udp)
+        rule home: on mgmt.home then use_interface(veth0)
+        rule mark: on mgmt.probe if stack == "dccp" then set_dscp(46)
+    """, "t.rules"), act, sink, backend=backend)
+    start(eng, act, F1)
+    assert act.table[F1] == {"stack": "udp", "iface": "veth0"}
+    act.switch(F1, "dccp", rule="cli")  # vstack switch F1 dccp
+    act.use_interface(F1, "veth1", rule="cli")
+    act.calls.clear()
+    eng.submit(Event("mgmt.probe", 1.0, {"flow": str(F1)}), 1.0)
+    assert act.calls == [("set_dscp", F1, 46)]  # the condition saw stack dccp
+    eng.submit(Event("flow.metrics", 2.0, {"loss": 0.0}, F1), 2.0)
+    assert act.switches() == [(F1, "udp")]  # not skipped as "already on udp"
+    assert act.table[F1]["stack"] == "udp"
+    eng.submit(Event("mgmt.home", 3.0, {"flow": str(F1)}), 3.0)
+    assert ("use_interface", F1, "veth0", "home") in act.calls
+    assert act.table[F1]["iface"] == "veth0"
+    st = eng.flow_state(F1)
+    assert st is not None and (st["stack"], st["iface"]) == ("udp", "veth0")
+    eng.submit(Event("flow.metrics", 4.0, {"loss": 0.0}, F1), 4.0)
+    assert act.switches() == [(F1, "udp")]  # now a real no-op: no second call
+    if isinstance(act, LookupActuator):  # O(1) per event, no listing of every flow
+        assert act.looked_up == 4 and act.listed == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failing_lookup_falls_back_to_what_the_engine_knows(backend: str) -> None:
+    act = LookupActuator()
+    eng = DecisionEngine(parse_rules("""
+        rule start: on flow.new then use_stack(udp)
+        rule up: on flow.metrics if loss > 0.1 then use_stack(dccp)
+    """, "t.rules"), act, None, backend=backend)
+    start(eng, act, F1)
+    act.fail.add("flows")
+    eng.submit(Event("flow.metrics", 1.0, {"loss": 0.5}, F1), 1.0)
+    assert act.switches() == [(F1, "dccp")]
+    assert eng.stats["errors"] == 1
+

@@ -18,6 +18,10 @@ Semantics beyond the evaluator's (``vstack.decision.evaluator``):
   flow on which the condition is false resets it.
 * ``at most once per D``: after a rule takes effect for a flow it does not fire again for
   that flow until D has passed.
+* The flow's current stack, interface and target are read from the actuator before an
+  event about a flow is evaluated (``flow_info(key)`` where the actuator has it, O(1);
+  else its ``flows()`` listing): ``vstack switch``, management handled without rules and
+  the datapath change them without telling the engine.
 * Events about a flow (``event.flow``, or a ``flow`` field holding a flow key, as in
   ``mgmt.switch``) are evaluated once with the flow's facts (its classifier fields, its
   current stack/interface, its last metrics) under the event's fields. Events without a
@@ -324,6 +328,7 @@ class DecisionEngine:
                 f = self._flows.get(key)
                 if f is None:
                     f = self._flows[key] = _Flow(flow_facts(key))
+                self._refresh(key, f)
                 if event.type == "flow.metrics":
                     f.facts.update({k: v for k, v in event.fields.items() if k in METRIC_FIELDS})
                 facts = {**f.view(), **event.fields}
@@ -346,6 +351,26 @@ class DecisionEngine:
             log.exception("event %s failed", event.type)
             self.stats["errors"] += 1
         return applied
+
+    def _refresh(self, key: FlowKey, f: _Flow) -> None:
+        """Take the flow's current stack, interface and target from the actuator (O(1)
+        with ``flow_info``). A flow it does not know (ended, or not added yet) keeps what
+        the engine last knew; so does a failing lookup (counted in ``errors``)."""
+        act = self.actuator
+        if act is None:
+            return
+        try:
+            lookup = getattr(act, "flow_info", None)
+            if lookup is not None:
+                info = lookup(key)
+            else:
+                info = next((i for i in act.flows() if i.key == key), None)
+        except Exception:
+            log.exception("reading flow %s from the actuator failed", key)
+            self.stats["errors"] += 1
+            return
+        if info is not None:
+            f.stack, f.iface, f.target = info.stack, info.interface or "", info.target
 
     def _affected(self, event: Event) -> dict[FlowKey, _Flow]:
         live = self._live_flows()
