@@ -334,7 +334,8 @@ class Datapath:
         loop = self._loop or asyncio.get_event_loop()
         e = StackEngine(key, loop=loop, nat=self.nat, fwmark=self.config.vnic.fwmark,
                         endpoint=ep, stack_options=self._stack_options, created=now,
-                        on_error=self._stack_error)
+                        on_error=self._stack_error,
+                        fallback=self.config.execution.default_stack)
         e.rule = d.rule or ""
         if d.interface:
             e.interface = d.interface
@@ -386,8 +387,26 @@ class Datapath:
         return opts
 
     def _stack_error(self, e: StackEngine, err: StackError) -> None:
+        """A stack reported an error. The engine already dropped a failed stack and fell
+        back (see ``StackEngine``); refresh the fast path and tell the rules
+        (``stack.error``) and the log."""
         flowlog.warning("flow %s: stack %s error: %s (%s)", e.key, err.stack, err.reason,
                         "remote" if err.remote else "local")
+        if self.table.get(e.key) is not e:
+            return  # a flow already closed (evicted, expired)
+        self._register(e)
+        fatal = e.last_error_fatal
+        if fatal and e.rule == "fallback" and e.stack_name:
+            self._log_decision(e.key, Decision(stack=e.stack_name, rule="fallback"))
+        now = time.time()
+        ev = Event("stack.error", now, {**self._flow_fields(e), "failed_stack": err.stack,
+                                        "reason": err.reason, "remote": err.remote,
+                                        "fatal": fatal}, e.key)
+        try:
+            self.sink.event(ev)
+        except Exception as x:
+            self._count_error(x)
+        self._emit(ev)
 
     # ------------------------------------------------------------------ fast-path tables
     def _register(self, e: StackEngine) -> None:
@@ -462,7 +481,7 @@ class Datapath:
             metrics = {
                 "packets": dpo + dpi, "bytes": dbo + dbi,
                 "rate_bps": (dbo + dbi) * 8 / dt, "pps": (dpo + dpi) / dt,
-                "loss": self._loss(e, dpo), "rtt_ms": e.rtt_ms(), "drops": ddr,
+                "loss": e.interval_loss(), "rtt_ms": e.rtt_ms(), "drops": ddr,
                 "interval_s": dt,
             }
             try:
@@ -485,12 +504,6 @@ class Datapath:
             except Exception as err:
                 self._count_error(err)
             self._emit(ev)
-
-    @staticmethod
-    def _loss(e: StackEngine, sent: int) -> float:
-        if e.active is None or sent <= 0:
-            return 0.0
-        return min(1.0, e.active.metrics.lost / max(e.active.metrics.packets_out, 1))
 
     def _emit(self, ev: Event) -> None:
         for cb in list(self.metrics_listeners):

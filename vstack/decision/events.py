@@ -46,6 +46,11 @@ EVENT_SCHEMA: dict[str, dict[str, str]] = {
     "flow.new": dict(FLOW_FIELDS),
     "flow.metrics": {**FLOW_FIELDS, **METRIC_FIELDS},
     "flow.idle": {**FLOW_FIELDS, "idle_s": "float"},
+    # a stack of the flow reported an error; fatal: the stack is gone (DCCP peer reset or
+    # vanished) and the flow fell back to its default stack (``stack`` is the one it is on
+    # now); remote: the peer's doing, not a local failure
+    "stack.error": {**FLOW_FIELDS, "failed_stack": "str", "reason": "str", "remote": "bool",
+                    "fatal": "bool"},
     "link.up": {"ifname": "str", "index": "int"},
     "link.down": {"ifname": "str", "index": "int"},
     "addr.add": {"ifname": "str", "address": "addr", "prefixlen": "int", "family": "int"},

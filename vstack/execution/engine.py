@@ -2,12 +2,26 @@
 engine for the target of each stack, and is the flow's stack manager.
 
 Stack manager: a stack is built on first use from the registry (``STACKS``), opened, and
-cached under (stack name, target, interface); switching the active stack replaces one
-reference between two packets (one asyncio loop: nothing runs in between), so no packet
-is split across stacks. Stacks that were active before stay open: replies still in flight
-on them reach the application, and switching back is instant. A stack that is not ready
-yet (a handshake) queues what it is given (its own bounded queue, see ``Stack``), so a
-switch to it loses nothing.
+cached: **one stack per stack name**, the one for the flow's current target, interface and
+options (the config's ``[stacks.<name>]`` plus the decision's). Switching the active stack
+replaces one reference between two packets (one asyncio loop: nothing runs in between), so
+no packet is split across stacks. Stacks that were active before stay open: replies still
+in flight on them reach the application, and switching back is instant. A stack that is
+not ready yet (a handshake) queues what it is given (its own bounded queue, see
+``Stack``), so a switch to it loses nothing.
+
+A stack whose target, interface or options no longer match (retarget, use_interface, a
+decision with other options, a config reload) is *superseded*: it leaves the cache at once
+(the next use builds a fresh one) and is closed ``RETIRE_S`` later, so replies already in
+flight on it still reach the application; its counters stay in the flow's totals.
+
+A stack that **fails** (``ctx.on_error`` from a stack whose ``failed`` is true: the DCCP
+peer reset or vanished) leaves the cache and is closed at once; if it was the active stack
+the flow falls back to ``fallback`` (the config's default stack, normally udp; then udp,
+then raw; else it drops), so traffic keeps flowing, and a later use of the failed stack
+builds a fresh one (a new handshake). Errors that do not end a stack (UDP's ICMP errors,
+TCP's reconnects) are only reported. Either way the engine's ``on_error`` hears of it
+(the datapath turns it into a ``stack.error`` event).
 
 Which stacks can carry a flow: a stack whose ``carries`` is ``"payload"`` (the default:
 UDP, DCCP, ...) needs the endpoint, so only UDP flows; every flow can use ``raw``
@@ -29,6 +43,7 @@ from vstack.execution.stacks.base import STACKS, Stack, StackContext, StackError
 log = logging.getLogger("vstack.flow")
 
 UDP = 17
+RETIRE_S = 1.0  # a superseded stack stays open this long for replies in flight
 
 
 class EngineError(ValueError):
@@ -46,7 +61,8 @@ class StackEngine:
     def __init__(self, key: FlowKey, *, loop: asyncio.AbstractEventLoop, nat: NatTable,
                  fwmark: int, endpoint: Endpoint | None,
                  stack_options: Callable[[str], Mapping[str, Any]], created: float,
-                 on_error: Callable[[StackEngine, StackError], None] | None = None) -> None:
+                 on_error: Callable[[StackEngine, StackError], None] | None = None,
+                 fallback: str = "udp") -> None:
         self.key = key
         self.loop = loop
         self.nat = nat
@@ -55,7 +71,15 @@ class StackEngine:
         self._stack_options = stack_options
         self._on_error = on_error
         self.created = created
-        self.stacks: dict[tuple[str, tuple[str, int], str | None], Stack] = {}
+        self.fallback = fallback  # the stack a flow falls back to when its active one fails
+        # one cached stack per name, with what it was built for: (target, interface,
+        # effective options without the engine's dscp) and the decision's own options
+        self.stacks: dict[str, Stack] = {}
+        self._built_for: dict[str, tuple[tuple[str, int], str | None, dict[str, Any]]] = {}
+        self._requested: dict[str, Mapping[str, Any]] = {}
+        self.retiring: list[Stack] = []  # superseded, closed RETIRE_S later
+        self.failures = 0  # stacks that failed (dropped from the cache)
+        self.last_error_fatal = False  # the last on_error came from a stack that failed
         self.active: Stack | None = None
         self.stack_name = ""
         self.rule = ""
@@ -70,6 +94,8 @@ class StackEngine:
         self.send_many: Callable[[list[memoryview]], None] = self._drop
         self.switches = 0
         self._closed_totals = [0, 0, 0, 0, 0]  # out pkts/bytes, in pkts/bytes, drops
+        self._closed_lost = 0
+        self._loss_mark = (0, 0)  # (packets out, lost) at the last interval_loss()
         # activity snapshot for idle detection and metrics intervals (owned by the datapath)
         self.last_activity = 0
         self.last_metrics: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
@@ -103,28 +129,37 @@ class StackEngine:
             raise EngineError(f"stack {name!r} cannot carry {self.key.proto_name} flows "
                               "(only UDP flows have an endpoint)")
         target = self.target_for(name)
-        ck = (name, target, self.interface)
-        st = self.stacks.get(ck)
-        if st is not None:
-            return st
+        requested: Mapping[str, Any] = dict(options) if options else {}
         opts: dict[str, Any] = dict(self._stack_options(name))
-        if options:
-            opts.update(options)
+        opts.update(requested)
+        built_for = (target, self.interface, dict(opts))
+        st = self.stacks.get(name)
+        if (st is not None and not getattr(st, "failed", False)
+                and self._built_for.get(name) == built_for):
+            return st
         if self.dscp is not None:
             opts.setdefault("dscp", self.dscp)
         ep = self.endpoint
+        box: list[Stack] = []
         ctx = StackContext(loop=self.loop, family=self.key.family, target=target,
                            deliver=ep.deliver if ep is not None else _no_deliver,
-                           on_error=self._stack_error, fwmark=self.fwmark,
-                           interface=self.interface, options=opts,
+                           on_error=lambda err: self._stack_error(box, err),
+                           fwmark=self.fwmark, interface=self.interface, options=opts,
                            deliver_gso=ep.deliver_gso if ep is not None else None)
         try:
-            st = cls(ctx)
-            st.open()
+            new = cls(ctx)
+            box.append(new)
+            new.open()
         except Exception as e:  # a stack's failure (or bug) must not take the flow down
+            if box:
+                self._close(box[0])
             raise EngineError(f"stack {name!r} to {_fmt(target)} failed to open: {e}") from e
-        self.stacks[ck] = st
-        return st
+        if st is not None:  # superseded (or failed): out of the cache, closed later / now
+            self._evict(name, st, retire=not getattr(st, "failed", False))
+        self.stacks[name] = new
+        self._built_for[name] = built_for
+        self._requested[name] = requested
+        return new
 
     def activate(self, name: str, options: Mapping[str, Any] | None = None,
                  rule: str | None = None) -> Stack:
@@ -145,10 +180,58 @@ class StackEngine:
         return st
 
     def reactivate(self) -> Stack | None:
-        """Rebuild the active stack after a change of target or interface."""
-        if not self.stack_name:
-            return None
-        return self.activate(self.stack_name)
+        """Rebuild the active stack after a change of target or interface (with the options
+        it was built with), and retire the cached stacks the change superseded."""
+        st = None
+        if self.stack_name:
+            st = self.activate(self.stack_name, self._requested.get(self.stack_name))
+        self.retire_stale()
+        return st
+
+    def retire_stale(self) -> None:
+        """Retire every cached stack (but the active one) built for another target or
+        interface than the flow's current ones."""
+        for name, st in list(self.stacks.items()):
+            if st is self.active:
+                continue
+            target, iface, _ = self._built_for.get(name, (None, None, None))
+            if target != self.target_for(name) or iface != self.interface:
+                self._evict(name, st, retire=True)
+
+    def _evict(self, name: str, st: Stack, *, retire: bool) -> None:
+        """Take ``st`` out of the cache: close it now, or ``RETIRE_S`` later."""
+        if self.stacks.get(name) is st:
+            del self.stacks[name]
+            self._built_for.pop(name, None)
+            self._requested.pop(name, None)
+        if retire:
+            self.retiring.append(st)
+            try:
+                self.loop.call_later(RETIRE_S, self._retire_now, st)
+            except RuntimeError:  # the loop is closed
+                self._retire_now(st)
+        else:
+            self._close(st)
+
+    def _retire_now(self, st: Stack) -> None:
+        if st in self.retiring:
+            self.retiring.remove(st)
+            self._close(st)
+
+    def _close(self, st: Stack) -> None:
+        """Close a stack that left the cache; its counters stay in the flow's totals."""
+        try:
+            st.close()
+        except Exception:  # a stack's own bug must not stop the flow
+            log.exception("closing stack %s of %s", st.name, self.key)
+        m = st.metrics
+        t = self._closed_totals
+        t[0] += m.packets_out
+        t[1] += m.bytes_out
+        t[2] += m.packets_in
+        t[3] += m.bytes_in
+        t[4] += m.drops
+        self._closed_lost += m.lost
 
     def set_drop(self) -> None:
         self.dropping = True
@@ -166,9 +249,48 @@ class StackEngine:
             if setter is not None:
                 setter(dscp)
 
-    def _stack_error(self, err: StackError) -> None:
+    def _stack_error(self, box: list[Stack], err: StackError) -> None:
+        st = box[0] if box else None
+        self.last_error_fatal = st is not None and bool(getattr(st, "failed", False))
+        if st is not None and self.last_error_fatal:
+            self._failed(st)
         if self._on_error is not None:
             self._on_error(self, err)
+
+    def _failed(self, st: Stack) -> None:
+        """``st`` is gone for good: out of the cache, closed; the flow falls back if it
+        was on it."""
+        if st in self.retiring:
+            self._retire_now(st)
+            return
+        if self.stacks.get(st.name) is not st:
+            return  # not ours any more (already closed or replaced)
+        self.failures += 1
+        was_active = st is self.active and not self.dropping
+        self._evict(st.name, st, retire=False)
+        if st is self.active:
+            self.active = None
+            self.send = self._drop
+            self.send_many = self._drop
+            self.packet_mode = True
+        if not was_active:
+            return
+        failed, rule = st.name, self.rule
+        for name in dict.fromkeys((self.fallback, "udp", "raw")):
+            if name == failed or not self.can_carry(name):
+                continue
+            try:
+                self.activate(name, self._requested.get(name), rule="fallback")
+            except EngineError as e:
+                log.warning("flow %s: fallback to %s failed: %s", self.key, name, e)
+                continue
+            log.warning("flow %s: stack %s failed; fell back to %s (rule was %s)", self.key,
+                        failed, name, rule or "-")
+            return
+        log.warning("flow %s: stack %s failed and no fallback stack opens: dropping",
+                    self.key, failed)
+        self.stack_name = ""
+        self.set_drop()
 
     # ------------------------------------------------------------------ per packet (slow path)
     def handle(self, packet: bytes | memoryview, start: int, end: int) -> None:
@@ -183,7 +305,7 @@ class StackEngine:
     def totals(self) -> tuple[int, int, int, int, int]:
         """(packets out, bytes out, packets in, bytes in, drops) over all its stacks."""
         po, bo, pi, bi, dr = self._closed_totals
-        for st in self.stacks.values():
+        for st in (*self.stacks.values(), *self.retiring):
             m = st.metrics
             po += m.packets_out
             bo += m.bytes_out
@@ -192,16 +314,33 @@ class StackEngine:
             dr += m.drops
         return po, bo, pi, bi, dr + self.drops
 
+    def interval_loss(self) -> float:
+        """Packets detected lost / packets sent since the previous call (0..1), over all
+        the flow's stacks; stacks that do not detect loss (UDP) count as sent, not lost."""
+        sent, lost = self._closed_totals[0], self._closed_lost
+        for st in (*self.stacks.values(), *self.retiring):
+            refresh = getattr(st, "refresh_metrics", None)
+            if refresh is not None:
+                refresh()
+            sent += st.metrics.packets_out
+            lost += st.metrics.lost
+        psent, plost = self._loss_mark
+        self._loss_mark = (sent, lost)
+        dlost = lost - plost
+        if dlost <= 0:
+            return 0.0
+        return min(1.0, dlost / max(sent - psent, 1))
+
     def rtt_ms(self) -> float:
         return self.active.metrics.rtt_ms if self.active is not None else -1.0
 
     def close(self) -> None:
-        for st in self.stacks.values():
-            try:
-                st.close()
-            except Exception:  # a stack's own bug must not stop the others closing
-                log.exception("closing stack %s of %s", st.name, self.key)
+        stacks = [*self.stacks.values(), *self.retiring]
         self.stacks.clear()
+        self._built_for.clear()
+        self.retiring.clear()
+        for st in stacks:  # a stack's own bug must not stop the others closing
+            self._close(st)
         self.active = None
         self.send = self._drop
         self.send_many = self._drop

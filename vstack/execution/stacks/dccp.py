@@ -13,25 +13,35 @@ Options (``ctx.options``): ``service_code`` (default 0x44434350, "DCCP"), ``tran
 default the target's port), ``queue``, ``conn`` (extra keyword arguments for the
 connection).
 
-The peer vanishing (timeout) or resetting reaches the engine as ``ctx.on_error(StackError)``
-(``remote=True``); a local socket failure as ``remote=False``. ``metrics.rtt_ms`` and
+``open`` raises (``TransportError``/``OSError``/``ValueError``) when the connection cannot
+even start (no socket, bad options): the engine turns that into ``EngineError`` and the flow
+keeps, or falls back to, another stack. Once open, the peer vanishing (timeout) or
+resetting reaches the engine as ``ctx.on_error(StackError)`` (``remote=True``); a protocol
+error as ``remote=False``. Either failure is terminal (``failed`` is true): the engine
+drops the stack from its cache, and a later use builds a fresh one (a new handshake).
+
+``close`` sends Close and frees the socket when the peer's Reset(Closed) arrives, or after
+``LINGER_S``, or when the loop shuts down (``asyncio.run`` cancels the lingering task),
+whichever comes first; a connection that is not open is freed at once. ``metrics.rtt_ms`` and
 ``metrics.lost`` come from the connection's CCID2 sender (pulled every 0.5 s and at every
 connection event).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 from typing import Any
 
 from vstack.dccp import connection as dc
 from vstack.dccp.endpoint import DEFAULT_SERVICE, DccpClient
-from vstack.dccp.transport import TransportError
 from vstack.execution.stacks.base import Stack, StackError, register_stack
 
 DEFAULT_QUEUE = 1024
 METRICS_INTERVAL = 0.5  # seconds between pulls of RTT and loss from CCID2
+LINGER_S = 2.0  # after Close: free the socket at the peer's Reset, or after this long
+_lingering: set[asyncio.Task[None]] = set()  # strong references to the release tasks
 log = logging.getLogger("vstack.dccp")
 
 
@@ -62,17 +72,25 @@ class DccpStack(Stack):
         host, port = self.ctx.target
         if self.transport == "udp" and self.udp_port:
             port = self.udp_port
+        client = DccpClient(
+            (host, port), transport=self.transport, service_code=self.service_code,
+            fwmark=self.ctx.fwmark, device=self.ctx.interface,
+            on_datagram=self._deliver, on_event=self._event, loop=self.ctx.loop,
+            conn_options=self.conn_options)  # raises: nothing of it stays open
+        self.client = client
         try:
-            self.client = DccpClient(
-                (host, port), transport=self.transport, service_code=self.service_code,
-                fwmark=self.ctx.fwmark, device=self.ctx.interface,
-                on_datagram=self._deliver, on_event=self._event, loop=self.ctx.loop,
-                conn_options=self.conn_options)
             self.handshake_started = self.ctx.loop.time()
-            self.client.connect()
-            self._metrics_timer = self.ctx.loop.call_later(METRICS_INTERVAL, self._metrics_tick)
-        except (TransportError, OSError, ValueError) as e:
-            self._fail(f"cannot open DCCP to {host}:{port}: {e}", remote=False)
+            client.connect()
+        except BaseException:
+            self.client = None
+            client.release()
+            raise
+        self._metrics_timer = self.ctx.loop.call_later(METRICS_INTERVAL, self._metrics_tick)
+
+    @property
+    def failed(self) -> bool:
+        """The connection is gone for good (peer reset or vanished, protocol error)."""
+        return self._failed
 
     @property
     def ready(self) -> bool:
@@ -100,15 +118,18 @@ class DccpStack(Stack):
         c = self.client
         if c is None:
             return
-        if c.is_open:
-            try:
-                c.close()  # Close -> the peer's Reset(Closed); then free the socket
-            except Exception:
-                c.release()
-                return
-            self.ctx.loop.call_later(2.0, c.release)
-        else:
+        loop = self.ctx.loop
+        if not c.is_open or self._failed or loop.is_closed() or not loop.is_running():
             c.release()
+            return
+        try:
+            c.close()  # Close -> the peer's Reset(Closed); then free the socket
+        except Exception:
+            c.release()
+            return
+        task = loop.create_task(_release_after_close(c))
+        _lingering.add(task)
+        task.add_done_callback(_lingering.discard)
 
     # ---------------------------------------------------------------- internals
     def _send_now(self, c: DccpClient, payload: bytes) -> None:
@@ -179,3 +200,19 @@ class DccpStack(Stack):
         if self.client is not None:
             self.client.release()
         self.ctx.on_error(StackError(self.name, reason, remote))
+
+
+async def _release_after_close(c: DccpClient) -> None:
+    """Free ``c`` once the peer answered our Close (ConnectionClosed), after ``LINGER_S``,
+    or when the loop shuts down and cancels this task, whichever comes first."""
+    try:
+        await c.wait_closed(LINGER_S)
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        c.release()
+
+
+def lingering() -> int:
+    """How many closed DCCP stacks still wait for the peer's Reset (tests, stats)."""
+    return len(_lingering)
