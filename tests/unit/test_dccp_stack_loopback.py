@@ -144,3 +144,33 @@ def test_open_failure_raises_and_reports_nothing() -> None:
     st, errors = asyncio.run(run())
     assert errors == [] and st.client is None
     assert st.metrics.drops == 1
+
+
+def test_malformed_packets_are_counted_and_dropped() -> None:
+    async def run() -> tuple[DccpServer, list[bytes]]:
+        loop = asyncio.get_running_loop()
+        port = _port()
+        srv = await DccpServer.start(port=port, bind="127.0.0.1", transport="udp", echo=True)
+        got: list[bytes] = []
+        errors: list[StackError] = []
+        st = DccpStack(_ctx(loop, port, got, errors))
+        try:
+            st.open()
+            await _until(lambda: st.ready)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
+                junk.sendto(b"\x01", ("127.0.0.1", port))  # too short for a DCCP header
+                junk.sendto(b"\xff" * 40, ("127.0.0.1", port))  # a new peer, not DCCP
+                junk.sendto(b"\x00" * 40, ("127.0.0.1", port))  # bad checksum
+            st.send(b"still fine")
+            await _until(lambda: got == [b"still fine"])
+            await _until(lambda: srv.rx_malformed >= 2 and srv.sock.stats.rx_bad >= 1)
+        finally:
+            st.close()
+            await asyncio.sleep(0.1)
+            srv.close()
+        assert errors == []
+        return srv, got
+
+    srv, _got = asyncio.run(run())
+    assert srv.rx_malformed == 2 and srv.sock.stats.rx_bad == 1
+    assert srv.accepted == 1
