@@ -4,11 +4,14 @@ X=1, IPv4 and IPv6; random and truncated bytes only ever raise DccpParseError; C
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import struct
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from vstack.analysis.packet import build_ipv4, build_ipv6, verify_l4_checksum
 from vstack.dccp.checksum import check, compute_checksum, internet_checksum, pseudo_header
 from vstack.dccp.options import (
     NN_FEATURE_WIDTH,
@@ -38,6 +41,7 @@ from vstack.dccp.options import (
 )
 from vstack.dccp.packet import (
     ACK_TYPES,
+    DCCP_UDP_MIN_LEN,
     DccpChecksumError,
     DccpEncodeError,
     DccpOptionError,
@@ -45,12 +49,15 @@ from vstack.dccp.packet import (
     DccpParseError,
     PacketType,
     ResetCode,
+    check_udp_payload,
     decap_udp,
     decode,
+    decode_udp,
     encap_udp,
     encode,
     encode_data,
     encode_data_into,
+    encode_udp,
     header_length,
 )
 
@@ -456,28 +463,203 @@ def test_encode_data_into_checks_room() -> None:
 # --- DCCP-UDP (RFC 6773) -------------------------------------------------------------------------
 
 
-@FAST
-@given(packets(), ADDRS)
-def test_udp_encapsulation_round_trip(pkt: DccpPacket, addrs: tuple[str, str]) -> None:
-    wire = encode(pkt, *addrs)
-    dgram = encap_udp(wire, *addrs)
-    assert dgram[0:4] == wire[0:4]  # the UDP ports are the DCCP ports
-    assert int.from_bytes(dgram[4:6], "big") == len(dgram) == len(wire) + 4
-    assert dgram[6:8] != b"\x00\x00"
-    assert decap_udp(dgram, *addrs) == wire
-    assert decode(decap_udp(dgram, *addrs), *addrs) == decode(wire, *addrs)
+def _ones_complement_checksum(data: bytes) -> int:
+    """RFC 1071, word by word (independent of the codec's int.from_bytes trick)."""
+    if len(data) % 2:
+        data += b"\x00"
+    total = 0
+    for i in range(0, len(data), 2):
+        total += (data[i] << 8) | data[i + 1]
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
 
-def test_udp_encapsulation_errors() -> None:
-    wire = encode(DccpPacket(PacketType.DATA, 1, 2, 3, payload=b"abc"), "10.0.0.1", "10.0.0.2")
-    dgram = bytearray(encap_udp(wire, "10.0.0.1", "10.0.0.2"))
-    dgram[-1] ^= 1
+def _udp_checksum(src: str, dst: str, udp: bytes) -> int:
+    """The UDP checksum of ``udp`` (its checksum field zero) over the IPv4/IPv6 pseudo-header."""
+    s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
+    if len(s) == 4:
+        pseudo = s + d + bytes((0, 17)) + len(udp).to_bytes(2, "big")
+    else:
+        pseudo = s + d + len(udp).to_bytes(4, "big") + b"\x00\x00\x00\x11"
+    c = _ones_complement_checksum(pseudo + udp)
+    return c or 0xFFFF  # RFC 768: a computed zero is sent as all ones
+
+
+def _rfc6773_request(src: str, dst: str, *, dccp_checksum: int = 0) -> bytes:
+    """A DCCP-Request as DCCP-UDP, assembled field by field from RFC 6773's figures.
+
+    §3: UDP header, then the DCCP generic header (§3.2, X=1) with its *own* ports, then
+    the type-specific Service Code, no options, no data. UDP ports 40000 -> 7001 (where the
+    ends listen, §3.1), DCCP ports 5555 -> 5001 (the connection's, §3.2). DCCP Checksum 0
+    (§3.3), UDP checksum over the whole datagram.
+    """
+    dccp = struct.pack(
+        "!HHBBH",
+        5555, 5001,  # DCCP Source Port, Dest Port
+        5,  # Data Offset: 16-byte generic header + 4-byte Service Code = 5 words
+        (0 << 4) | 0,  # CCVal 0, CsCov 0
+        dccp_checksum,  # the DCCP Checksum: zero on transmit (RFC 6773 §3.3)
+    ) + struct.pack(
+        "!BB", (PacketType.REQUEST << 1) | 1, 0  # Res 0, Type 0 (Request), X=1; Reserved
+    ) + (0x0000_0102_0304).to_bytes(6, "big") + struct.pack(  # 48-bit Sequence Number
+        "!I", 0x44434350  # Service Code "DCCP"
+    )  # fmt: skip
+    udp = struct.pack("!HHHH", 40000, 7001, 8 + len(dccp), 0) + dccp
+    csum = _udp_checksum(src, dst, udp)
+    return udp[:6] + csum.to_bytes(2, "big") + udp[8:]
+
+
+@pytest.mark.parametrize("addrs", [("10.0.0.1", "10.0.0.2"), ("fd77::1", "fd77::2")])
+def test_rfc6773_hand_built_vector(addrs: tuple[str, str]) -> None:
+    dgram = _rfc6773_request(*addrs)
+    assert len(dgram) == 8 + 20 and dgram[6:8] != b"\x00\x00"
+    u = decap_udp(dgram, *addrs)
+    assert (u.sport, u.dport) == (40000, 7001)
+    assert u.dccp == dgram[8:]  # the whole DCCP packet, its ports included
+    got = decode_udp(dgram, *addrs)
+    assert (got.udp_sport, got.udp_dport) == (40000, 7001)
+    assert got.packet == DccpPacket(
+        PacketType.REQUEST, 5555, 5001, 0x0102_0304, service_code=0x44434350
+    )
+    # The codec builds exactly these bytes from the same packet and UDP ports.
+    assert encode_udp(got.packet, *addrs, 40000, 7001) == dgram
+    # With a native checksum, the same DCCP bytes would not be valid DCCP (field zero):
+    assert not check(u.dccp, *addrs)
+
+
+def test_rfc6773_dccp_checksum_field_ignored() -> None:
+    src, dst = "10.0.0.1", "10.0.0.2"
+    dgram = _rfc6773_request(src, dst, dccp_checksum=0xBEEF)  # nonsense, UDP checksum valid
+    got = decode_udp(dgram, src, dst)
+    assert got.packet == decode_udp(_rfc6773_request(src, dst), src, dst).packet
+    # decode_udp verifies nothing in the DCCP field; the plain codec still would
     with pytest.raises(DccpChecksumError):
-        decap_udp(bytes(dgram), "10.0.0.1", "10.0.0.2")
-    with pytest.raises(DccpParseError, match="UDP length"):
-        decap_udp(bytes(dgram[:-1]), "10.0.0.1", "10.0.0.2")
+        decode(dgram[8:], src, dst)
+
+
+def test_rfc6773_zero_udp_checksum_dropped() -> None:
+    src, dst = "10.0.0.1", "10.0.0.2"
+    dgram = bytearray(_rfc6773_request(src, dst))
+    dgram[6:8] = b"\x00\x00"  # "no checksum" is legal UDP over IPv4, not DCCP-UDP
+    for addrs in ((src, dst), (None, None)):
+        with pytest.raises(DccpParseError, match="checksum is zero"):
+            decap_udp(bytes(dgram), *addrs)
+
+
+def test_rfc6773_bad_udp_checksum_dropped() -> None:
+    src, dst = "fd77::1", "fd77::2"
+    dgram = bytearray(_rfc6773_request(src, dst))
+    dgram[-1] ^= 0x40  # the Service Code: covered by the UDP checksum
+    with pytest.raises(DccpChecksumError):
+        decode_udp(bytes(dgram), src, dst)
+    # the addresses are part of it too (pseudo-header)
+    with pytest.raises(DccpChecksumError):
+        decode_udp(_rfc6773_request(src, dst), src, "fd77::3")
+
+
+def _with_udp_length(dgram: bytes, ulen: int, src: str, dst: str) -> bytes:
+    """``dgram`` with UDP Length ``ulen`` and a UDP checksum that is right for it."""
+    head = dgram[:4] + ulen.to_bytes(2, "big") + b"\x00\x00"
+    covered = (head + dgram[8:])[:ulen] if ulen >= 8 else head
+    csum = _udp_checksum(src, dst, covered)
+    return head[:6] + csum.to_bytes(2, "big") + dgram[8:]
+
+
+def test_rfc6773_length_rules() -> None:
+    src, dst = "10.0.0.1", "10.0.0.2"
+    good = _rfc6773_request(src, dst)  # UDP Length 28: 8 + 20-byte DCCP header
+    # UDP Length below 20 (8 + the smallest DCCP generic header)
+    with pytest.raises(DccpParseError, match="< 20"):
+        decap_udp(_with_udp_length(good, 19, src, dst), src, dst)
+    with pytest.raises(DccpParseError, match="< 20"):
+        decap_udp(_with_udp_length(good, 19, src, dst)[:19])
     with pytest.raises(DccpParseError, match="too short"):
-        decap_udp(b"\x00" * 10)
+        decap_udp(good[:7])
+    # UDP Length longer than the datagram
+    with pytest.raises(DccpParseError, match="> the 28-byte"):
+        decap_udp(_with_udp_length(good, 29, src, dst), src, dst)
+    with pytest.raises(DccpParseError, match="> the 27-byte"):
+        decap_udp(good[:-1], src, dst)
+    # UDP Length >= 20 but shorter than UDP header + the whole DCCP header (Data Offset 5)
+    short = _with_udp_length(good, 24, src, dst)
+    with pytest.raises(DccpParseError, match="20-byte DCCP header"):
+        decap_udp(short, src, dst)
+    # the same rule on a payload a UDP socket delivered (the kernel checked the rest)
+    check_udp_payload(good[8:])
+    with pytest.raises(DccpParseError, match="< 20"):
+        check_udp_payload(good[8:19])
+    with pytest.raises(DccpParseError, match="DCCP header"):
+        check_udp_payload(good[8:24])
+    # An options area counts as header: Data Offset 6 on a 20-byte DCCP packet
+    bumped = bytearray(good)
+    bumped[12] = 6
+    with pytest.raises(DccpParseError, match="24-byte DCCP header"):
+        decap_udp(_with_udp_length(bytes(bumped), 28, src, dst), src, dst)
+    # Bytes after UDP Length are not part of the datagram (as in any UDP)
+    assert decap_udp(good + b"\xff\xff", src, dst) == decap_udp(good, src, dst)
+
+
+def test_rfc6773_data_with_short_sequence_numbers() -> None:
+    # The smallest DCCP-UDP datagram: UDP header + 12-byte X=0 Data header = 20 bytes.
+    src, dst = "192.0.2.1", "198.51.100.2"
+    pkt = DccpPacket(PacketType.DATA, 1, 2, 0xABCDEF, x=False)
+    dgram = encode_udp(pkt, src, dst, 6511, 6511)
+    assert len(dgram) == DCCP_UDP_MIN_LEN == 20
+    assert decode_udp(dgram, src, dst).packet == pkt
+
+
+def test_encap_udp_rejects_impossible_input() -> None:
+    wire = encode(DccpPacket(PacketType.DATA, 1, 2, 3), None, None)
+    with pytest.raises(DccpEncodeError, match="UDP ports"):
+        encap_udp(wire, "10.0.0.1", "10.0.0.2", 70000, 1)
+    with pytest.raises(DccpEncodeError, match="shorter"):
+        encap_udp(wire[:10], "10.0.0.1", "10.0.0.2", 1, 1)
+    with pytest.raises(DccpEncodeError, match="too long"):
+        encap_udp(wire + bytes(65535), "10.0.0.1", "10.0.0.2", 1, 1)
+
+
+@FAST
+@given(packets(), ADDRS, st.integers(1, 0xFFFF), st.integers(1, 0xFFFF))
+def test_udp_encapsulation_round_trip(
+    pkt: DccpPacket, addrs: tuple[str, str], usport: int, udport: int
+) -> None:
+    dgram = encode_udp(pkt, *addrs, usport, udport)
+    native = encode(pkt, *addrs)
+    # UDP header inserted in front of the whole DCCP packet (RFC 6773 §3)
+    assert struct.unpack_from("!HHH", dgram, 0) == (usport, udport, len(native) + 8)
+    assert dgram[8:12] == native[0:4]  # the DCCP ports stay in the DCCP header
+    assert dgram[14:16] == b"\x00\x00"  # DCCP Checksum zero on transmit (§3.3)
+    assert dgram[8:14] == native[0:6] and dgram[16:] == native[8:]
+    assert dgram[6:8] != b"\x00\x00"
+    assert int.from_bytes(dgram[6:8], "big") == _udp_checksum(
+        *addrs, dgram[:6] + b"\0\0" + dgram[8:]
+    )
+    # a full IP packet around it passes the analysis module's (independent) UDP check
+    ip = (build_ipv4 if ":" not in addrs[0] else build_ipv6)(addrs[0], addrs[1], 17, dgram)
+    assert verify_l4_checksum(ip)
+    got = decode_udp(dgram, *addrs)
+    assert (got.udp_sport, got.udp_dport) == (usport, udport)
+    assert unpadded(got.packet) == pkt
+    # raw bytes in, raw bytes out
+    assert encap_udp(decap_udp(dgram, *addrs).dccp, *addrs, usport, udport) == dgram
+
+
+@FAST
+@given(packets(), ADDRS, st.lists(st.tuples(st.integers(0, 10_000), u8), min_size=1, max_size=4))
+def test_mutated_udp_datagrams_only_parse_errors(
+    pkt: DccpPacket, addrs: tuple[str, str], flips: list[tuple[int, int]]
+) -> None:
+    dgram = bytearray(encode_udp(pkt, *addrs, 40000, 7001))
+    for pos, val in flips:
+        dgram[pos % len(dgram)] = val
+    for a in (addrs, (None, None)):
+        try:
+            got = decode_udp(bytes(dgram), *a)
+        except DccpParseError as e:
+            assert e.reason
+        else:
+            assert isinstance(got.packet.type, PacketType)
+            assert len(dgram) >= 20
 
 
 def test_option_error_carries_reset_data_and_header() -> None:

@@ -15,7 +15,9 @@ Errors: anything wrong with received bytes raises ``DccpParseError`` (a remote e
 caller counts and drops), a bad checksum its subclass ``DccpChecksumError``. Asking ``encode``
 for an impossible packet raises ``DccpEncodeError`` (a local error, a ValueError).
 
-UDP encapsulation (RFC 6773): see ``encap_udp`` / ``decap_udp``.
+DCCP-UDP (RFC 6773): ``encap_udp``/``encode_udp`` and ``decap_udp``/``decode_udp`` put a UDP
+header in front of the whole DCCP packet and take it off; the UDP checksum replaces the DCCP
+one, whose field is sent as zero and ignored on receipt (``decode(..., verify=False)``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from vstack.dccp.options import (
 
 __all__ = [
     "ACK_TYPES",
+    "DCCP_UDP_MIN_LEN",
+    "DCCP_UDP_PORT",
     "MAX_SEQ",
     "DccpChecksumError",
     "DccpEncodeError",
@@ -43,14 +47,20 @@ __all__ = [
     "DccpParseError",
     "PacketType",
     "ResetCode",
+    "UdpDatagram",
+    "UdpDccpPacket",
     "check",
+    "check_udp_payload",
     "decap_udp",
     "decode",
+    "decode_udp",
     "encap_udp",
     "encode",
     "encode_data",
     "encode_data_into",
+    "encode_udp",
     "header_length",
+    "zero_dccp_checksum",
 ]
 
 
@@ -84,6 +94,7 @@ class ResetCode(IntEnum):
     TOO_BUSY = 9
     BAD_INIT_COOKIE = 10
     AGGRESSION_PENALTY = 11
+    ENCAPSULATED_PORT_REUSE = 12  # RFC 6773 §3.8, §7.2 (DCCP-UDP; Data 1: type, 2-3: UDP sport)
 
 
 # Types with an Acknowledgement Number subheader: all but Request and Data (§5.2).
@@ -436,63 +447,161 @@ def decode(
 
 
 # --- DCCP-UDP (RFC 6773) -------------------------------------------------------------------
+#
+# RFC 6773 §3: a UDP header (RFC 768) is *inserted* between the IP header and an unchanged
+# DCCP packet (generic header with its own Source/Dest Port, type-specific fields, options,
+# data)::
+#
+#     IP | UDP: sport dport length checksum | DCCP: sport dport doff ccval/cscov checksum ...
+#
+# The UDP ports are the ports the two ends receive DCCP-UDP on; they are not the DCCP ports
+# (§3.1). The UDP checksum does the DCCP checksum's job (§3.3): it covers the pseudo-header
+# (protocol 17) and the whole datagram and is never zero; the DCCP Checksum field is sent as
+# zero and ignored on receipt. CsCov keeps its syntax, but coverage is always complete
+# (§3.3.1).
 
 IPPROTO_UDP = 17
+UDP_HEADER_LEN = 8
+DCCP_UDP_MIN_LEN = 20  # UDP header + the 12-byte minimum DCCP generic header (§3.3)
+DCCP_UDP_PORT = 6511  # IANA's default DCCP-UDP listening port (§3.8, §7.1)
 
 
-def encap_udp(dccp: bytes | bytearray | memoryview, src_ip: Address, dst_ip: Address) -> bytes:
-    """Turn an encoded (native) DCCP packet into a DCCP-UDP datagram, UDP header included.
+@dataclass(frozen=True, slots=True)
+class UdpDatagram:
+    """A DCCP-UDP datagram taken apart: the UDP ports and the DCCP packet (UDP payload)."""
 
-    Returns the whole UDP datagram (UDP header + rest) to hand to a raw socket, or, minus the
-    first 8 bytes, to a UDP socket (the kernel then writes its own UDP header).
+    sport: int
+    dport: int
+    dccp: bytes
 
-    Layout (RFC 6773 §5, our reading; not checked against the RFC's text, which we could
-    not consult here, nor against another implementation, as Linux never had DCCP-UDP):
-    the UDP header takes the place of the DCCP port
-    fields: the UDP ports are the DCCP ports, and what follows the UDP header is the DCCP
-    generic header from Data Offset on. Data Offset and the DCCP checksum stay exactly as
-    ``encode`` computed them (over the native packet and the IP pseudo-header, protocol
-    33), so ``decap_udp`` restores the native packet byte for byte and ``decode`` verifies it.
-    The UDP checksum (RFC 768, never zero) covers the whole datagram.
+
+@dataclass(frozen=True, slots=True)
+class UdpDccpPacket:
+    """A decoded DCCP-UDP datagram: the UDP ports and the DCCP packet they carried."""
+
+    udp_sport: int
+    udp_dport: int
+    packet: DccpPacket
+
+
+def check_udp_payload(payload: bytes | bytearray | memoryview) -> None:
+    """The RFC 6773 §3.3 length rules for a UDP payload that should hold DCCP.
+
+    For a caller that got the payload from a UDP socket: the kernel has already checked the
+    UDP checksum (a wrong one never arrives) and that the UDP Length fits the packet. What is
+    left: the UDP Length (payload + 8) must be at least 20, and at least 8 + the whole DCCP
+    header (Data Offset * 4: generic header, type-specific fields and options). Raises
+    DccpParseError (count and drop) otherwise.
     """
+    n = len(payload)
+    if n + UDP_HEADER_LEN < DCCP_UDP_MIN_LEN:
+        raise DccpParseError(
+            f"UDP length {n + UDP_HEADER_LEN} < {DCCP_UDP_MIN_LEN} (RFC 6773 §3.3)"
+        )
+    hlen = payload[4] * 4
+    if hlen > n:
+        raise DccpParseError(
+            f"UDP length {n + UDP_HEADER_LEN} < UDP header + {hlen}-byte DCCP header"
+            " (RFC 6773 §3.3)"
+        )
+
+
+def zero_dccp_checksum(dccp: bytes | bytearray | memoryview) -> bytes:
+    """``dccp`` with its DCCP Checksum field set to zero (RFC 6773 §3.3, on transmit)."""
     b = bytes(dccp)
-    if len(b) < 12:
+    if len(b) < 8:
+        raise DccpEncodeError("not a DCCP packet: shorter than 8 bytes")
+    if b[6] or b[7]:
+        b = b[:6] + b"\x00\x00" + b[8:]
+    return b
+
+
+def encap_udp(
+    dccp: bytes | bytearray | memoryview,
+    src_ip: Address,
+    dst_ip: Address,
+    sport: int,
+    dport: int,
+) -> bytes:
+    """A DCCP-UDP datagram (UDP header + DCCP packet) carrying the encoded packet ``dccp``.
+
+    ``sport``/``dport`` are the UDP ports (RFC 6773 §3.1), independent of the DCCP ports in
+    ``dccp``, which stay where they are (§3.2). The DCCP Checksum field is set to zero
+    (§3.3); the UDP checksum covers the IP pseudo-header (protocol 17) and the whole
+    datagram, and a computed zero is sent as 0xFFFF (RFC 768), as zero is not allowed
+    (§3.1). For a raw socket; a UDP socket takes the DCCP packet alone (the kernel writes the
+    UDP header).
+    """
+    if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+        raise DccpEncodeError("UDP ports must be 0-65535")
+    body = zero_dccp_checksum(dccp)
+    if len(body) < 12:
         raise DccpEncodeError("not a DCCP packet: shorter than 12 bytes")
-    ulen = 8 + len(b) - 4
+    ulen = UDP_HEADER_LEN + len(body)
     if ulen > 0xFFFF:
         raise DccpEncodeError("datagram too long for UDP")
-    body = b[4:]
-    head = bytearray(b[0:4] + ulen.to_bytes(2, "big") + b"\x00\x00")
+    head = struct.pack("!HHHH", sport, dport, ulen, 0)
     csum = internet_checksum(head + body, pseudo_sum(src_ip, dst_ip, ulen, IPPROTO_UDP))
     if csum == 0:
         csum = 0xFFFF
-    head[6] = csum >> 8
-    head[7] = csum & 0xFF
-    return bytes(head) + body
+    return head[:6] + csum.to_bytes(2, "big") + body
 
 
 def decap_udp(
     datagram: bytes | bytearray | memoryview,
     src_ip: Address | None = None,
     dst_ip: Address | None = None,
-) -> bytes:
-    """The native DCCP packet from a DCCP-UDP datagram (UDP header included).
+) -> UdpDatagram:
+    """Check a received DCCP-UDP datagram (UDP header first) and take it apart (§3.3).
 
-    With addresses, a non-zero UDP checksum is verified (DccpChecksumError if wrong). The
-    result then goes to ``decode``, which checks the DCCP checksum.
+    Dropped (DccpParseError) when: shorter than a UDP header; UDP Length < 20; UDP Length
+    longer than the datagram, or shorter than UDP header + the whole DCCP header (Data
+    Offset); a zero UDP checksum. With ``src_ip``/``dst_ip`` the UDP checksum is verified
+    (DccpChecksumError). Bytes past the UDP Length are not part of the datagram and are cut
+    off, as UDP does. The DCCP Checksum field is not looked at: decode the result with
+    ``decode(..., verify=False)`` (or use ``decode_udp``).
     """
     d = bytes(datagram)
-    if len(d) < 8 + 8:
+    if len(d) < UDP_HEADER_LEN:
         raise DccpParseError(f"DCCP-UDP datagram of {len(d)} bytes is too short")
-    ulen = (d[4] << 8) | d[5]
-    if ulen != len(d):
-        raise DccpParseError(f"UDP length {ulen} != datagram length {len(d)}")
-    received = (d[6] << 8) | d[7]
-    if src_ip is not None and dst_ip is not None and received != 0:
+    sport, dport, ulen, received = struct.unpack_from("!HHHH", d, 0)
+    if ulen < DCCP_UDP_MIN_LEN:
+        raise DccpParseError(f"UDP length {ulen} < {DCCP_UDP_MIN_LEN} (RFC 6773 §3.3)")
+    if ulen > len(d):
+        raise DccpParseError(f"UDP length {ulen} > the {len(d)}-byte datagram")
+    d = d[:ulen]
+    if received == 0:
+        raise DccpParseError("UDP checksum is zero (RFC 6773 §3.3: DCCP-UDP needs one)")
+    if src_ip is not None and dst_ip is not None:
         s = pseudo_sum(src_ip, dst_ip, ulen, IPPROTO_UDP)
         expected = internet_checksum(d[:6] + b"\x00\x00" + d[8:], s)
         if expected == 0:
             expected = 0xFFFF
         if expected != received:
             raise DccpChecksumError(received, expected)
-    return d[0:4] + d[8:]
+    elif (src_ip is None) != (dst_ip is None):
+        raise ValueError("give both src_ip and dst_ip, or neither")
+    body = d[UDP_HEADER_LEN:]
+    check_udp_payload(body)
+    return UdpDatagram(sport, dport, body)
+
+
+def encode_udp(pkt: DccpPacket, src_ip: Address, dst_ip: Address, sport: int, dport: int) -> bytes:
+    """``pkt`` as a whole DCCP-UDP datagram: ``encode`` with the DCCP checksum left zero,
+    then ``encap_udp`` with UDP ports ``sport``/``dport``."""
+    return encap_udp(encode(pkt, None, None), src_ip, dst_ip, sport, dport)
+
+
+def decode_udp(
+    datagram: bytes | bytearray | memoryview,
+    src_ip: Address | None = None,
+    dst_ip: Address | None = None,
+    *,
+    strict: bool = True,
+) -> UdpDccpPacket:
+    """``decap_udp`` then ``decode`` with the DCCP checksum ignored (RFC 6773 §3.3).
+
+    Raises DccpParseError (DccpChecksumError for a wrong UDP checksum) like both.
+    """
+    u = decap_udp(datagram, src_ip, dst_ip)
+    return UdpDccpPacket(u.sport, u.dport, decode(u.dccp, verify=False, strict=strict))
