@@ -183,12 +183,41 @@ def _ports(data: bytes) -> tuple[int, int] | None:
 
 # Raw DCCP has no kernel port reservation (the host has no DCCP): this process's clients
 # must not pick the same local port towards the same peer, or their packets would mix.
+# Forked workers (``vstack run --workers N``) share the host's raw DCCP ports too, so each
+# process draws from its own slice of the range (:func:`set_port_slice`).
+PORT_LO, PORT_HI = 20000, 60999  # the client port range (both ends included)
 _ports_in_use: set[tuple[tuple[str, int], int]] = set()
+_port_range: tuple[int, int] = (PORT_LO, PORT_HI)
+
+
+def set_port_slice(index: int, count: int) -> tuple[int, int]:
+    """Draw this process's client ports from slice ``index`` of ``count`` equal, disjoint
+    slices of the range (worker ``index`` of ``count``); returns the slice (lo, hi).
+    ``count`` 1 restores the whole range."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"port slice {index} of {count}: need 0 <= index < count")
+    size = (PORT_HI - PORT_LO + 1) // count
+    if size < 1:
+        raise ValueError(f"port slice: {count} slices of {PORT_HI - PORT_LO + 1} ports")
+    global _port_range
+    lo = PORT_LO + index * size
+    _port_range = (lo, lo + size - 1)
+    return _port_range
+
+
+def port_slice() -> tuple[int, int]:
+    """The (lo, hi) range this process draws client ports from."""
+    return _port_range
 
 
 def _allocate_port(remote: tuple[str, int]) -> int:
+    lo, hi = _port_range
     for _ in range(1000):
-        port = random.randint(20000, 60999)
+        port = random.randint(lo, hi)
+        if (remote, port) not in _ports_in_use:
+            _ports_in_use.add((remote, port))
+            return port
+    for port in range(lo, hi + 1):  # a nearly full slice: look at every port once
         if (remote, port) not in _ports_in_use:
             _ports_in_use.add((remote, port))
             return port
@@ -228,19 +257,27 @@ class DccpClient:
         self.events: list[Any] = []
         self.sock = sock or open_socket(transport, self.family, bind=bind, fwmark=fwmark,
                                         device=device)
-        local_ip = self.sock.source_for(remote[0])
-        if transport == "udp":
-            self.local_port = int(getattr(self.sock, "port", 0))
-        else:
-            self.local_port = _allocate_port(remote)
-        if isinstance(self.sock, RawDccpSocket):
-            self.sock.filter_port(self.local_port)  # only our packets wake us
-        cfg = dc.DccpConfig(service_code=service_code, **(conn_options or {}))
-        self.conn = dc.DccpConnection.client(sport=self.local_port, dport=remote[1],
-                                             config=cfg)
-        self.ep = DccpEndpoint(self.conn, self.sock, local_ip, remote[0], self.loop,
-                               self._event, udp_port=remote[1] if transport == "udp" else 0)
-        self.sock.attach(self.loop, self._rx)
+        self.local_port = 0
+        self._port_held = False
+        try:
+            local_ip = self.sock.source_for(remote[0])
+            if transport == "udp":
+                self.local_port = int(getattr(self.sock, "port", 0))
+            else:
+                self.local_port = _allocate_port(remote)
+                self._port_held = True
+            if isinstance(self.sock, RawDccpSocket):
+                self.sock.filter_port(self.local_port)  # only our packets wake us
+            cfg = dc.DccpConfig(service_code=service_code, **(conn_options or {}))
+            self.conn = dc.DccpConnection.client(sport=self.local_port, dport=remote[1],
+                                                 config=cfg)
+            self.ep = DccpEndpoint(self.conn, self.sock, local_ip, remote[0], self.loop,
+                                   self._event,
+                                   udp_port=remote[1] if transport == "udp" else 0)
+            self.sock.attach(self.loop, self._rx)
+        except BaseException:  # nothing half-built stays open: the socket, the port
+            self._free()
+            raise
 
     # -- lifecycle
     def connect(self) -> None:
@@ -267,8 +304,13 @@ class DccpClient:
     def release(self) -> None:
         """Abort without packets and free the socket; idempotent."""
         self.ep.abort()
+        self._free()
+
+    def _free(self) -> None:
         self.sock.close()
-        _ports_in_use.discard((self.remote, self.local_port))
+        if self._port_held:
+            self._port_held = False
+            _ports_in_use.discard((self.remote, self.local_port))
 
     @property
     def is_open(self) -> bool:
