@@ -100,6 +100,9 @@ def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int) -> Workers:
     if n <= 1:
         return Workers([])
     _tag_logs(0)
+    from vstack.dccp.endpoint import set_port_slice
+
+    set_port_slice(0, n)  # raw DCCP client ports: each worker its own slice (no collisions)
     queues = [open_tun(tun.name, vnet_hdr=tun.vnet_hdr, multi_queue=True)
               for _ in range(n - 1)]
     pids: list[int] = []
@@ -109,6 +112,7 @@ def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int) -> Workers:
             code = 1
             try:
                 _child_setup(wid)
+                set_port_slice(wid, n)
                 tun.close()
                 for other in queues:
                     if other is not q:
