@@ -554,3 +554,18 @@ def test_a_failing_lookup_falls_back_to_what_the_engine_knows(backend: str) -> N
     assert act.switches() == [(F1, "dccp")]
     assert eng.stats["errors"] == 1
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_noop_action_does_not_use_up_at_most_once_per(backend: str) -> None:
+    eng, act, _ = make("""
+        rule start: on flow.new then use_stack(udp)
+        rule up: on flow.metrics if loss > 0.1 then use_stack(dccp)
+        rule down: on flow.metrics if loss <= 0.1 then use_stack(udp) at most once per 5s
+    """, backend)
+    start(eng, act, F1)
+    for t, loss in ((1.0, 0.0), (2.0, 0.5), (3.0, 0.0), (4.0, 0.5), (5.0, 0.0)):
+        eng.submit(Event("flow.metrics", t, {"loss": loss}, F1), t)
+    # t=1: down is a no-op (already udp) and must not start its 5 s; t=3: down switches
+    # back (its 5 s start now); t=4 up; t=5 down is suppressed (3 + 5 > 5)
+    assert act.switches() == [(F1, "dccp"), (F1, "udp"), (F1, "dccp")]
+    assert eng.flow_state(F1)["stack"] == "dccp"  # type: ignore[index]

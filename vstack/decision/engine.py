@@ -17,7 +17,9 @@ Semantics beyond the evaluator's (``vstack.decision.evaluator``):
   flow: the first matching event starts the clock, any event of the rule's type for that
   flow on which the condition is false resets it.
 * ``at most once per D``: after a rule takes effect for a flow it does not fire again for
-  that flow until D has passed.
+  that flow until D has passed. A rule takes effect when one of its actions changed
+  something (a ``use_stack`` of the stack the flow is already on did not) or a ``log`` /
+  timer action of it ran; on ``flow.new``, when its actions are in the decision.
 * The flow's current stack, interface and target are read from the actuator before an
   event about a flow is evaluated (``flow_info(key)`` where the actuator has it, O(1);
   else its ``flows()`` listing): ``vstack switch``, management handled without rules and
@@ -250,6 +252,7 @@ class DecisionEngine:
             eff, fired = self._evaluate(c, event.type, facts, key, now)
             decision = self._decision(c, eff, fired, facts)
             self._run_side_actions(eff, now)
+            self._took(key, fired, {a.rule for a in eff}, now)
         except Exception:
             log.exception("decision for %s failed", key)
             self.stats["errors"] += 1
@@ -386,11 +389,13 @@ class DecisionEngine:
             only = c.flow_rules
         elif flow_rules is False:
             only = c.global_rules
-        eff, _fired = self._evaluate(c, event.type, facts, key, now, only)
+        eff, fired = self._evaluate(c, event.type, facts, key, now, only)
         if not eff:
             return 0
-        applied = self._apply(c, eff, key, facts, now)
-        applied += self._run_side_actions(eff, now)
+        took: set[str] = set()
+        applied = self._apply(c, eff, key, facts, now, took)
+        applied += self._run_side_actions(eff, now, took)
+        self._took(key, fired, took, now)
         return applied
 
     def _evaluate(self, c: _Compiled, event_type: str, facts: dict[str, Any],
@@ -428,16 +433,23 @@ class DecisionEngine:
                 log.warning("rule %s: bad action argument: %s", r.name, e)
                 self.stats["action_errors"] += 1
         eff = effective(fired)
-        took = {a.rule for a in eff}
+        won = {a.rule for a in eff}
         for f in fired:
-            if f.rule.name in took:
+            if f.rule.name in won:
                 self.stats[f"fired:{f.rule.name}"] += 1
-                if f.rule.once_per is not None:
-                    self._last.setdefault(key, {})[f.rule.name] = now
         return eff, fired
 
+    def _took(self, key: FlowKey | None, fired: list[Fired], took: set[str], now: float) -> None:
+        """Start ``at most once per`` for the rules that took effect (``took``): a rule
+        whose actions were all no-ops (or all failed) does not use up its interval."""
+        for f in fired:
+            if f.rule.once_per is not None and f.rule.name in took:
+                self._last.setdefault(key, {})[f.rule.name] = now
+
     def _apply(self, c: _Compiled, eff: list[BoundAction], key: FlowKey | None,
-               facts: Mapping[str, Any], now: float) -> int:
+               facts: Mapping[str, Any], now: float, took: set[str] | None = None) -> int:
+        """Apply the flow actions; the rules of those that changed something go to
+        ``took``. Returns how many did."""
         if key is None:
             return 0
         f = self._flows.get(key)
@@ -483,6 +495,8 @@ class DecisionEngine:
                 f.rule = a.rule
                 n += 1
                 self.stats["actions"] += 1
+                if took is not None:
+                    took.add(a.rule)
             except Exception:
                 log.exception("action %s of rule %s failed for %s", a.name, a.rule, key)
                 self.stats["action_errors"] += 1
@@ -498,7 +512,8 @@ class DecisionEngine:
             self.forget(key)
         return n
 
-    def _run_side_actions(self, eff: Iterable[BoundAction], now: float) -> int:
+    def _run_side_actions(self, eff: Iterable[BoundAction], now: float,
+                          took: set[str] | None = None) -> int:
         n = 0
         timers_changed = False
         for a in eff:
@@ -520,6 +535,8 @@ class DecisionEngine:
                 else:
                     continue
                 n += 1
+                if took is not None:
+                    took.add(a.rule)
             except Exception:
                 log.exception("action %s of rule %s failed", a.name, a.rule)
                 self.stats["action_errors"] += 1
