@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vstack.dccp import checksum as cs
-from vstack.dccp.packet import decap_udp, encap_udp
+from vstack.dccp.packet import PacketType, decode
 from vstack.dccp.transport import (
     IPPROTO_DCCP,
     IPPROTO_UDP,
@@ -63,43 +63,83 @@ def test_bad_input_is_a_typed_error() -> None:
         dccp_checksum(b"\x00" * 5, "10.0.0.1", "10.0.0.2")
     assert not checksum_ok(b"\x00" * 3, "10.0.0.1", "10.0.0.2")
     with UdpDccpSocket(socket.AF_INET, bind="127.0.0.1") as s:
+        assert s.kind == "udp" and not s.dccp_checksum
         with pytest.raises(TransportError):
-            s.sendto(b"x" * 5, "127.0.0.1")  # not a DCCP packet
-        with pytest.raises(TransportError):
-            s.sendto(_request(s.port + 1 if s.port < 65535 else 1), "127.0.0.1")  # wrong port
+            s.sendto(b"x" * 5, "127.0.0.1", 7001)  # not a DCCP packet
+        with pytest.raises(TransportError, match="UDP port"):
+            s.sendto(_request(), "127.0.0.1")  # the UDP port is not the DCCP port
 
 
 @pytest.mark.parametrize("family,addr", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
-def test_udp_socket_loopback_reports_both_addresses(family: int, addr: str) -> None:
-    async def run() -> list[RxDatagram]:
+def test_udp_socket_loopback_carries_the_whole_dccp_packet(family: int, addr: str) -> None:
+    """RFC 6773 §3: the UDP payload is the whole DCCP packet; its DCCP ports (5555 -> 5001)
+    are not the UDP ports; the DCCP Checksum goes out as zero (§3.3)."""
+
+    async def run() -> tuple[list[RxDatagram], int]:
         loop = asyncio.get_running_loop()
         got: list[RxDatagram] = []
         done = asyncio.Event()
         server = UdpDccpSocket(family, port=0)  # wildcard: dst comes from PKTINFO
         client = UdpDccpSocket(family, bind=addr)
         try:
+
             def rx(dg: RxDatagram) -> None:
                 got.append(dg)
                 if len(got) == 3:
                     done.set()
 
             server.attach(loop, rx)
-            pkt = reprotect(_request(client.port, server.port), addr, addr, IPPROTO_DCCP)
+            pkt = reprotect(_request(5555, 5001, b"abc"), addr, addr, IPPROTO_DCCP)
+            assert pkt[6:8] != b"\0\0"
             for _ in range(3):
-                assert client.sendto(pkt, addr)
+                assert client.sendto(pkt, addr, server.port)
             await asyncio.wait_for(done.wait(), 5)
         finally:
             server.close()
             client.close()
             server.close()  # idempotent
-        return got
+        return got, client.port
 
-    got = asyncio.run(run())
+    got, client_port = asyncio.run(run())
     assert len(got) == 3
     for dg in got:
         assert dg.src == addr and dg.dst == addr
-        assert dg.udp_port != 0
-        # the native packet comes back byte for byte, ports restored from the UDP header
-        assert checksum_ok(dg.data, dg.src, dg.dst)
-        assert decap_udp(encap_udp(dg.data, addr, addr), addr, addr) == dg.data
-        assert struct.unpack_from("!H", dg.data, 0)[0] == dg.udp_port
+        assert dg.udp_port == client_port != 5555
+        assert dg.data == _request(5555, 5001, b"abc")  # checksum field zero, ports kept
+        p = decode(dg.data, verify=False)
+        assert (p.type, p.sport, p.dport, p.payload) == (PacketType.REQUEST, 5555, 5001, b"abc")
+
+
+@pytest.mark.parametrize("family,addr", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_udp_socket_drops_what_rfc6773_drops(family: int, addr: str) -> None:
+    """UDP Length < 20 never reaches us (the socket's BPF filter); a DCCP header longer than
+    the datagram is counted in rx_bad and dropped; a good packet after them arrives."""
+
+    async def run() -> tuple[list[RxDatagram], int, bool]:
+        loop = asyncio.get_running_loop()
+        got: list[RxDatagram] = []
+        done = asyncio.Event()
+        server = UdpDccpSocket(family, bind=addr)
+        plain = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+
+            def rx(dg: RxDatagram) -> None:
+                got.append(dg)
+                done.set()
+
+            server.attach(loop, rx)
+            good = _request(1, 2)
+            plain.sendto(good[:11], (addr, server.port))  # UDP Length 19
+            plain.sendto(good[:16], (addr, server.port))  # Data Offset 5: header > 16 bytes
+            plain.sendto(good, (addr, server.port))
+            await asyncio.wait_for(done.wait(), 5)
+            await asyncio.sleep(0.05)  # anything else that was going to arrive
+        finally:
+            plain.close()
+            server.close()
+        return got, server.stats.rx_bad, server.filtered
+
+    got, rx_bad, filtered = asyncio.run(run())
+    assert filtered
+    assert [dg.data for dg in got] == [_request(1, 2)]
+    assert rx_bad == 1  # the 16-byte one; the 11-byte one was the kernel filter's

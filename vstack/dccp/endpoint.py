@@ -7,7 +7,9 @@ and events; this module does the I/O around it, on the one event loop:
   pseudo-header addresses -> a :class:`~vstack.dccp.transport.DccpSocket`;
 * packets in: the socket's reader callback -> demultiplex by (remote address, remote port,
   local port) -> :func:`~vstack.dccp.packet.decode` (checksum verified) -> ``conn.receive``;
-  malformed packets are counted and dropped;
+  malformed packets are counted and dropped. Over DCCP-UDP (RFC 6773) the DCCP checksum is
+  sent as zero and ignored on receipt (§3.3; the UDP checksum, which the kernel checks,
+  covers the packet instead);
 * timers: ``conn.next_timer()`` -> one ``loop.call_at`` per endpoint, re-armed after every
   input (the loop's clock is the connection's ``now``);
 * events: ``conn.next_event()`` -> the owner's callback.
@@ -15,6 +17,16 @@ and events; this module does the I/O around it, on the one event loop:
 :class:`DccpClient` is one connection (the DCCP stack's, or a test's); :class:`DccpServer`
 is a listener that accepts many connections on one port, each demultiplexed by its
 (address, port), as a sink (counting) or an echo.
+
+DCCP-UDP (RFC 6773 §3.8): the UDP ports are not the DCCP ports. A client opens its own UDP
+socket per connection (a distinct UDP source port for each DCCP connection) and sends to
+the server's UDP port (``udp_port``, by default the same number as its DCCP port). A server
+listens on one UDP port, takes datagrams from any UDP source port, and demultiplexes by the
+UDP 4-tuple first, then by the DCCP ports inside: of the two methods of §3.8 it implements
+the first, one active DCCP connection per UDP 4-tuple; a packet on that 4-tuple with other
+DCCP ports (or another local address) never reaches the DCCP module and gets a Reset with
+code 12, Encapsulated Port Reuse (§7.2: Data 1 the packet's type, Data 2-3 its UDP source
+port).
 """
 
 from __future__ import annotations
@@ -30,7 +42,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vstack.dccp import connection as dc
-from vstack.dccp.packet import DccpPacket, DccpParseError, decode, encode
+from vstack.dccp.connection import reset_reply
+from vstack.dccp.packet import (
+    DccpPacket,
+    DccpParseError,
+    PacketType,
+    ResetCode,
+    decode,
+    encode,
+)
 from vstack.dccp.transport import (
     DccpSocket,
     RawDccpSocket,
@@ -67,6 +87,7 @@ class DccpEndpoint:
         self.local_ip = local_ip
         self.remote_ip = remote_ip
         self.udp_port = udp_port
+        self._verify = sock.dccp_checksum  # False for DCCP-UDP (RFC 6773 §3.3)
         self.loop = loop
         self.on_event = on_event
         self.stats = EndpointStats()
@@ -83,7 +104,7 @@ class DccpEndpoint:
         """One received DCCP packet (bytes) for this connection."""
         self.stats.rx_packets += 1
         try:
-            pkt = decode(data, src, dst)
+            pkt = decode(data, src, dst, verify=self._verify)
         except DccpParseError as e:
             self.stats.rx_malformed += 1
             if type(e).__name__ == "DccpChecksumError":
@@ -146,7 +167,7 @@ class DccpEndpoint:
         now = self.now()
         for pkt in self.conn.packets_to_send(now):
             try:
-                data = encode(pkt, self.local_ip, self.remote_ip)
+                data = _encode(self.sock, pkt, self.local_ip, self.remote_ip)
                 ok = self.sock.sendto(data, self.remote_ip, self.udp_port)
             except (TransportError, ValueError):
                 ok = False
@@ -171,6 +192,14 @@ class DccpEndpoint:
                 self._timer.cancel()
             self._timer_at = t
             self._timer = self.loop.call_at(max(t, now), self._on_timer)
+
+
+def _encode(sock: DccpSocket, pkt: DccpPacket, local_ip: str, remote_ip: str) -> bytes:
+    """``pkt``'s bytes for ``sock``: with the DCCP checksum (raw), or with the field left zero
+    for DCCP-UDP (RFC 6773 §3.3: the kernel's UDP checksum covers it)."""
+    if sock.dccp_checksum:
+        return encode(pkt, local_ip, remote_ip)
+    return encode(pkt, None, None)
 
 
 # --------------------------------------------------------------------------- client
@@ -232,6 +261,10 @@ def _is_failure(ev: Any) -> bool:
 class DccpClient:
     """One client connection: its own socket (raw or DCCP-UDP), its own DCCP port.
 
+    ``remote`` is the server's (address, DCCP port). DCCP-UDP: ``udp_port`` is the server's
+    UDP port (0: the same number as its DCCP port); the client's own UDP socket, bound to an
+    ephemeral port, is this connection's alone (RFC 6773 §3.8).
+
     ``on_event`` gets every connection event; ``on_datagram`` the payloads. ``wait_open``
     resolves at HandshakeComplete and raises :class:`DccpConnectError` when the peer resets
     or the handshake times out.
@@ -244,7 +277,7 @@ class DccpClient:
                  on_event: EventCallback | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
                  conn_options: dict[str, Any] | None = None,
-                 sock: DccpSocket | None = None) -> None:
+                 sock: DccpSocket | None = None, udp_port: int = 0) -> None:
         from vstack.dccp.transport import family_of
 
         self.loop = loop or asyncio.get_running_loop()
@@ -259,21 +292,19 @@ class DccpClient:
                                         device=device)
         self.local_port = 0
         self._port_held = False
+        # DCCP-UDP: where the server receives (RFC 6773 §3.1); raw: unused
+        self.udp_port = (udp_port or remote[1]) if self.sock.kind == "udp" else 0
         try:
             local_ip = self.sock.source_for(remote[0])
-            if transport == "udp":
-                self.local_port = int(getattr(self.sock, "port", 0))
-            else:
-                self.local_port = _allocate_port(remote)
-                self._port_held = True
+            self.local_port = _allocate_port(remote)
+            self._port_held = True
             if isinstance(self.sock, RawDccpSocket):
                 self.sock.filter_port(self.local_port)  # only our packets wake us
             cfg = dc.DccpConfig(service_code=service_code, **(conn_options or {}))
             self.conn = dc.DccpConnection.client(sport=self.local_port, dport=remote[1],
                                                  config=cfg)
             self.ep = DccpEndpoint(self.conn, self.sock, local_ip, remote[0], self.loop,
-                                   self._event,
-                                   udp_port=remote[1] if transport == "udp" else 0)
+                                   self._event, udp_port=self.udp_port)
             self.sock.attach(self.loop, self._rx)
         except BaseException:  # nothing half-built stays open: the socket, the port
             self._free()
@@ -324,6 +355,8 @@ class DccpClient:
             return
         if ports != (self.remote[1], self.local_port) or dg.src != self.remote[0]:
             return  # someone else's (raw sockets see every DCCP packet)
+        if dg.udp_port != self.udp_port:
+            return  # DCCP-UDP: not from the server's UDP port
         self.ep.feed(dg.data, dg.src, dg.dst)
 
     def _event(self, ev: Any) -> None:
@@ -351,7 +384,13 @@ class DccpConnectError(ConnectionError):
 
 # --------------------------------------------------------------------------- server
 class DccpServer:
-    """Listener on one DCCP port: many connections, demultiplexed by (address, port)."""
+    """Listener on one DCCP port: many connections, demultiplexed by (address, port).
+
+    Raw: the key is the peer's (address, DCCP port). DCCP-UDP: the peer's (address, UDP
+    port), the UDP 4-tuple of RFC 6773 §3.8 (our address and UDP port are the socket's),
+    which holds one active DCCP connection at a time (``udp_active``: its local address and
+    DCCP port pair); ``port_reuse`` counts the packets refused with Reset 12.
+    """
 
     def __init__(self, sock: DccpSocket, port: int, service_code: int, echo: bool,
                  counter: BinCounter | None, loop: asyncio.AbstractEventLoop,
@@ -368,6 +407,11 @@ class DccpServer:
         self.listener = dc.DccpListener(port, dc.DccpConfig(service_code=service_code,
                                                             **self.conn_options))
         self.connections: dict[tuple[str, int], DccpEndpoint] = {}
+        # DCCP-UDP: key -> (local address, peer's DCCP port, our DCCP port), the rest of
+        # the active 6-tuple (RFC 6773 §3.8)
+        self.udp_active: dict[tuple[str, int], tuple[str, int, int]] = {}
+        self.port_reuse = 0
+        self.rx_wrong_port = 0  # DCCP-UDP: well-formed, to another DCCP port (Reset 3)
         self.accepted = 0
         self.closed_conns = 0
         self.rx_malformed = 0
@@ -380,10 +424,16 @@ class DccpServer:
                     echo: bool = False, counter: BinCounter | None = None,
                     fwmark: int = 0, device: str | None = None,
                     on_datagram: Callable[[tuple[str, int], bytes], None] | None = None,
-                    conn_options: dict[str, Any] | None = None) -> DccpServer:
+                    conn_options: dict[str, Any] | None = None,
+                    udp_port: int | None = None) -> DccpServer:
+        """Listen on DCCP ``port``; DCCP-UDP: on UDP ``udp_port`` (None: the same number as
+        ``port``; 0: an ephemeral one, see ``sock.port``). RFC 6773 §3.8 asks an
+        application to use its own configured port rather than 6511
+        (:data:`~vstack.dccp.packet.DCCP_UDP_PORT`, meant for a system-wide daemon)."""
         loop = asyncio.get_running_loop()
-        sock = open_socket(transport, family, bind=bind, port=port, fwmark=fwmark,
-                           device=device)
+        sock = open_socket(transport, family, bind=bind,
+                           port=port if udp_port is None else udp_port,
+                           fwmark=fwmark, device=device)
         if isinstance(sock, RawDccpSocket):
             sock.filter_port(port)
         srv = cls(sock, port, service_code, echo, counter, loop, on_datagram, conn_options)
@@ -396,30 +446,69 @@ class DccpServer:
             self.rx_malformed += 1
             return
         sport, dport = ports
+        udp = not self.sock.dccp_checksum  # DCCP-UDP: checksum ignored (RFC 6773 §3.3)
         if dport != self.port:
-            return
-        key = (dg.src, sport)
+            if udp:  # sent to our UDP port, so ours to answer: Reset(No Connection)
+                self._wrong_port(dg)
+            return  # raw: another listener's (raw sockets see every DCCP packet)
+        # RFC 6773 §3.8 stage 1: the UDP 4-tuple; raw DCCP: the DCCP 4-tuple
+        key = (dg.src, dg.udp_port if udp else sport)
         ep = self.connections.get(key)
+        if ep is not None and udp and self.udp_active.get(key) != (dg.dst, sport, dport):
+            self._port_reuse(dg)  # stage 2: not the active 6-tuple of this 4-tuple
+            return
         if ep is None:
             if self._closing:
                 return
             try:
-                pkt = decode(dg.data, dg.src, dg.dst)
+                pkt = decode(dg.data, dg.src, dg.dst, verify=not udp)
             except DccpParseError:
                 self.rx_malformed += 1
                 return
             conn = self.listener.receive(pkt, self.loop.time())
             for reply in self.listener.packets_to_send():  # stateless Resets
-                with contextlib.suppress(TransportError, ValueError):
-                    self.sock.sendto(encode(reply, dg.dst, dg.src), dg.src, dg.udp_port)
+                self._send_stateless(reply, dg)
             if conn is None:
                 return
             ep = DccpEndpoint(conn, self.sock, dg.dst, dg.src, self.loop,
                               self._callback(key), udp_port=dg.udp_port)
             self.connections[key] = ep
+            if udp:
+                self.udp_active[key] = (dg.dst, sport, dport)
             ep.pump()  # the Response (or a Reset 8) accept() queued
             return
         ep.feed(dg.data, dg.src, dg.dst)
+
+    def _send_stateless(self, reply: DccpPacket, dg: RxDatagram) -> None:
+        with contextlib.suppress(TransportError, ValueError):
+            self.sock.sendto(_encode(self.sock, reply, dg.dst, dg.src), dg.src, dg.udp_port)
+
+    def _wrong_port(self, dg: RxDatagram) -> None:
+        """A DCCP-UDP packet for a DCCP port nobody listens on here (RFC 4340 §8.5 step 2)."""
+        try:
+            pkt = decode(dg.data, verify=False)
+        except DccpParseError:
+            self.rx_malformed += 1
+            return
+        self.rx_wrong_port += 1
+        if pkt.type != PacketType.RESET:
+            self._send_stateless(reset_reply(pkt, ResetCode.NO_CONNECTION), dg)
+
+    def _port_reuse(self, dg: RxDatagram) -> None:
+        """RFC 6773 §3.8, first method: a DCCP-UDP packet on a busy UDP 4-tuple that is not
+        its active 6-tuple is kept from the DCCP module and answered with Reset code 12
+        (§7.2: Data 1 = its type, Data 2-3 = its UDP source port), never a Reset for a
+        Reset."""
+        self.port_reuse += 1
+        try:
+            pkt = decode(dg.data, verify=False)
+        except DccpParseError:
+            self.rx_malformed += 1
+            return
+        if pkt.type == PacketType.RESET:
+            return
+        data = bytes((int(pkt.type),)) + dg.udp_port.to_bytes(2, "big")
+        self._send_stateless(reset_reply(pkt, ResetCode.ENCAPSULATED_PORT_REUSE, data), dg)
 
     def _callback(self, key: tuple[str, int]) -> EventCallback:
         return lambda ev: self._event(key, ev)
@@ -438,6 +527,7 @@ class DccpServer:
                 if ep is None or not ep.send(data):
                     self.echo_fail += 1
         elif isinstance(ev, dc.ConnectionClosed):
+            self.udp_active.pop(key, None)
             ep = self.connections.pop(key, None)
             if ep is not None:
                 ep.abort()
@@ -451,4 +541,5 @@ class DccpServer:
                 ep.close()
             ep.abort()
         self.connections.clear()
+        self.udp_active.clear()
         self.sock.close()

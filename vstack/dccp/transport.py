@@ -8,14 +8,18 @@ Nothing here knows DCCP semantics beyond what the wire needs:
   the DCCP packet (we strip it and take the addresses from it); AF_INET6 raw sockets deliver
   only the payload, so the destination address comes from ``IPV6_PKTINFO``. While such a
   socket is open the host kernel sends no ICMP protocol-unreachable for DCCP.
-* :class:`UdpDccpSocket` - DCCP-UDP encapsulation (RFC 6773), in the codec's reading
-  (:func:`vstack.dccp.packet.encap_udp`): the UDP header takes the place of the DCCP port
-  fields, so the UDP ports *are* the DCCP ports and the UDP payload is the DCCP packet from
-  Data Offset on; Data Offset and the DCCP checksum stay those of the native packet. The
-  kernel writes the UDP header and checks its checksum, so this socket only strips the
-  ports on the way out and puts them back on the way in: both sockets move *native* DCCP
-  packets and the codec never sees the difference. The socket's UDP port is the endpoint's
-  DCCP port.
+* :class:`UdpDccpSocket` - DCCP-UDP (RFC 6773): an ordinary UDP socket whose payloads are
+  whole DCCP packets, generic header with the DCCP ports first (§3, §3.2). The UDP ports
+  are where the two ends receive DCCP-UDP, not the DCCP ports (§3.1): ``sendto`` needs the
+  peer's UDP port, and received datagrams carry the peer's (``RxDatagram.udp_port``). The
+  kernel writes the UDP header and its checksum (never zero: Linux sends a computed zero
+  as 0xFFFF, and IPv6 always checksums) and drops datagrams with a wrong checksum or a UDP
+  Length past the packet; a classic BPF filter on the socket drops what the kernel would
+  let through but RFC 6773 §3.3 does not: a zero UDP checksum (legal UDP over IPv4) and a
+  UDP Length under 20. The rest of §3.3 (the DCCP header must fit in the datagram) is
+  checked here and counted in ``stats.rx_bad``. The DCCP Checksum field is sent as zero
+  and must be ignored on receipt (``dccp_checksum`` is False: the endpoint encodes without
+  it and decodes with ``verify=False``).
 
 Both carry SO_MARK (the datapath marks its egress 0x5654 so it bypasses the VNIC) and
 SO_BINDTODEVICE. Received datagrams are handed to a callback from the asyncio loop
@@ -36,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vstack.dccp.checksum import checksum_coverage, internet_checksum, pseudo_header
+from vstack.dccp.packet import DCCP_UDP_MIN_LEN, DccpParseError, check_udp_payload
 
 IPPROTO_DCCP = 33
 IPPROTO_UDP = 17
@@ -56,7 +61,7 @@ class RxDatagram:
 
     src: str  # remote IP address
     dst: str  # our IP address, as on the wire
-    data: bytes  # the DCCP packet, generic header first
+    data: bytes  # the DCCP packet, generic header (with the DCCP ports) first
     udp_port: int = 0  # DCCP-UDP: the remote UDP port (raw: 0)
 
 
@@ -110,6 +115,9 @@ class DccpSocket(abc.ABC):
     """A source and sink of encoded DCCP packets (see the module docstring)."""
 
     kind: str = ""
+    # The DCCP Checksum field is in use on this transport (raw: RFC 4340 §9). DCCP-UDP:
+    # False, the UDP checksum does its job (RFC 6773 §3.3).
+    dccp_checksum: bool = True
 
     def __init__(self, family: int, fwmark: int = 0, device: str | None = None) -> None:
         self.family = family
@@ -315,10 +323,29 @@ class RawDccpSocket(DccpSocket):
         return self._send(data, (remote, 0))
 
 
+# Classic BPF on a UDP socket sees the datagram from the UDP header on (the kernel has
+# checked the UDP checksum before it runs the filter). RFC 6773 §3.3: drop a UDP Length
+# below 20 and a zero UDP checksum.
+_UDP_FILTER = (
+    (0x28, 0, 0, 4),  # ldh [4]                  UDP Length
+    (0x35, 0, 3, DCCP_UDP_MIN_LEN),  # jge #20, next, drop
+    (0x28, 0, 0, 6),  # ldh [6]                  UDP Checksum
+    (0x15, 1, 0, 0),  # jeq #0, drop, accept
+    (0x06, 0, 0, 0xFFFF),  # accept: ret #65535
+    (0x06, 0, 0, 0),  # drop: ret #0
+)
+
+
 class UdpDccpSocket(DccpSocket):
-    """DCCP-UDP (RFC 6773): DCCP packets as UDP payloads on ``port`` (0: ephemeral)."""
+    """DCCP-UDP (RFC 6773): whole DCCP packets as the payloads of UDP ``port`` (0: ephemeral).
+
+    ``filtered`` says whether the kernel took the RFC 6773 §3.3 filter (zero UDP checksum,
+    UDP Length < 20); without it those datagrams reach us, and a zero checksum cannot be
+    told apart from a computed one.
+    """
 
     kind = "udp"
+    dccp_checksum = False
 
     def __init__(self, family: int, bind: str | None = None, port: int = 0, fwmark: int = 0,
                  device: str | None = None, bufsize: int = 4 << 20) -> None:
@@ -335,6 +362,7 @@ class UdpDccpSocket(DccpSocket):
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         else:
             s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        self.filtered = _attach_filter(s, _UDP_FILTER)  # before bind: nothing slips past
         host = bind or ("::" if family == socket.AF_INET6 else "0.0.0.0")
         try:
             s.bind((host, port))
@@ -359,23 +387,35 @@ class UdpDccpSocket(DccpSocket):
                 dst = socket.inet_ntop(socket.AF_INET, cdata[8:12])
         if not dst:
             dst = self._bound or ""
-        if len(data) < 8:
+        try:
+            check_udp_payload(data)  # RFC 6773 §3.3: the DCCP header fits the UDP Length
+        except DccpParseError:
             self.stats.rx_bad += 1
             return None
-        rport = int(addr[1])
-        native = struct.pack("!HH", rport, self.port) + data
-        return RxDatagram(str(addr[0]).split("%", 1)[0], dst, native, rport)
+        return RxDatagram(str(addr[0]).split("%", 1)[0], dst, data, int(addr[1]))
 
     def sendto(self, data: bytes, remote: str, udp_port: int = 0) -> bool:
-        """``data`` is a native DCCP packet whose source port is this socket's UDP port; the
-        UDP destination port is its DCCP destination port (``udp_port`` overrides it)."""
+        """Send the DCCP packet ``data`` (ports and all) to UDP port ``udp_port`` of
+        ``remote``. Its DCCP Checksum field goes out as zero (RFC 6773 §3.3)."""
         if len(data) < 12:
             raise TransportError(errno.EINVAL, "not a DCCP packet")
-        sport, dport = struct.unpack_from("!HH", data, 0)
-        if sport != self.port:
-            raise TransportError(errno.EINVAL,
-                                 f"DCCP source port {sport} != UDP port {self.port}")
-        return self._send(data[4:], (remote, udp_port or dport))
+        if not 0 < udp_port < 65536:
+            raise TransportError(errno.EINVAL, f"DCCP-UDP needs the peer's UDP port ({udp_port})")
+        if data[6] or data[7]:
+            data = data[:6] + b"\0\0" + data[8:]
+        return self._send(data, (remote, udp_port))
+
+
+def _attach_filter(s: socket.socket, prog: tuple[tuple[int, int, int, int], ...]) -> bool:
+    """Attach classic BPF ``prog`` to ``s`` (SO_ATTACH_FILTER); False if the kernel refuses."""
+    code = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(code)
+    fprog = struct.pack("HL", len(prog), ctypes.addressof(buf))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies it
+    except OSError:
+        return False
+    return True
 
 
 def open_socket(kind: str, family: int, *, bind: str | None = None, port: int = 0,

@@ -9,9 +9,10 @@ full CCID2 window is the connection's business (it queues up to its own bound an
 beyond it, which this stack counts as drops too).
 
 Options (``ctx.options``): ``service_code`` (default 0x44434350, "DCCP"), ``transport``
-("raw": IP protocol 33, "udp": DCCP-UDP, RFC 6773), ``udp_port`` (DCCP-UDP server port;
-default the target's port), ``queue``, ``conn`` (extra keyword arguments for the
-connection).
+("raw": IP protocol 33, "udp": DCCP-UDP, RFC 6773), ``udp_port`` (DCCP-UDP: the UDP port
+the target listens on, default the same number as its DCCP port; the target's port stays
+the DCCP port inside the encapsulation, and each stack has its own UDP source port),
+``queue``, ``conn`` (extra keyword arguments for the connection).
 
 ``open`` raises (``TransportError``/``OSError``/``ValueError``) when the connection cannot
 even start (no socket, bad options): the engine turns that into ``EngineError`` and the flow
@@ -69,14 +70,13 @@ class DccpStack(Stack):
     def open(self) -> None:
         if self.client is not None or self._closed:
             return
-        host, port = self.ctx.target
-        if self.transport == "udp" and self.udp_port:
-            port = self.udp_port
+        host, port = self.ctx.target  # the DCCP port, also with DCCP-UDP (RFC 6773 §3.2)
         client = DccpClient(
             (host, port), transport=self.transport, service_code=self.service_code,
             fwmark=self.ctx.fwmark, device=self.ctx.interface,
             on_datagram=self._deliver, on_event=self._event, loop=self.ctx.loop,
-            conn_options=self.conn_options)  # raises: nothing of it stays open
+            conn_options=self.conn_options,
+            udp_port=self.udp_port)  # raises: nothing of it stays open
         self.client = client
         try:
             self.handshake_started = self.ctx.loop.time()
