@@ -92,13 +92,14 @@ def test_udp_echo_returns_each_datagram() -> None:
 
 
 def test_dccp_udp_encap_sink_counts_every_datagram(tmp_path: Path) -> None:
+    """DCCP-UDP (RFC 6773): DCCP port P inside, UDP port U outside, two different numbers."""
     from vstack.dccp.endpoint import DccpClient
 
-    port, csv_path = _port(), tmp_path / "dccp.csv"
-    with _serve(["dccp", "--udp-encap", "--port", str(port), "--bind", "127.0.0.1",
-                 "--csv", str(csv_path), "--seconds", "60"]) as p:
+    port, uport, csv_path = _port(), _port(), tmp_path / "dccp.csv"
+    with _serve(["dccp", "--udp-encap", "--port", str(port), "--udp-port", str(uport),
+                 "--bind", "127.0.0.1", "--csv", str(csv_path), "--seconds", "60"]) as p:
         async def run() -> None:
-            c = DccpClient(("127.0.0.1", port), transport="udp")
+            c = DccpClient(("127.0.0.1", port), transport="udp", udp_port=uport)
             try:
                 await c.open(timeout=10)
                 for i in range(2000):
@@ -114,6 +115,7 @@ def test_dccp_udp_encap_sink_counts_every_datagram(tmp_path: Path) -> None:
         p.terminate()
         out, _ = p.communicate(timeout=10)
     assert "done pkts=2000 bytes=12000" in out, out
+    assert f"dccp:{port}/udp:{uport} sink" in out and "port_reuse=0" in out, out
     assert sum(read_bins_csv(csv_path).values()) == 2000
 
 
@@ -121,6 +123,9 @@ def test_serve_rejects_bad_arguments() -> None:
     r = subprocess.run([sys.executable, "-m", "vstack", "serve", "dccp", "--port", "7",
                         "--service", "nope"], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "bad --service" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "vstack", "serve", "dccp", "--port", "7",
+                        "--udp-port", "7"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--udp-port needs --udp-encap" in r.stderr
     r = subprocess.run([sys.executable, "-m", "vstack", "serve", "udp", "--port", "0"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0

@@ -4,7 +4,12 @@ Each runs as a *sink* that counts packets per 10 ms (per-second totals on stdout
 10 ms bin in a CSV with ``--csv``) or as an *echo* that sends each datagram back.
 
     vstack serve udp  --port 7000 [--echo] [--bind ADDR] [--csv FILE] [--seconds N]
-    vstack serve dccp --port 7001 [--echo] [--udp-encap] [--bind ADDR] [--csv FILE]
+    vstack serve dccp --port 7001 [--echo] [--udp-encap [--udp-port U]] [--bind ADDR] [--csv FILE]
+
+``--udp-encap``: DCCP-UDP (RFC 6773) instead of raw IP protocol 33. The server listens on
+UDP port U (``--udp-port``; default the same number as the DCCP port P, an application's
+own configured port as §3.8 recommends, rather than the system-wide default 6511), takes
+any UDP source port, and carries DCCP port P inside the encapsulation.
 
 The CSV has one row per 10 ms bin from the first packet to the end, empty bins included:
 ``t_mono,packets,bytes,first,last`` where ``t_mono`` is the bin's start on CLOCK_MONOTONIC
@@ -198,7 +203,10 @@ def serve_dccp(
     port: int = typer.Option(..., "--port", "-p", min=1, max=65535, help="DCCP port"),
     echo: bool = typer.Option(False, "--echo", help="echo each datagram instead of a sink"),
     udp_encap: bool = typer.Option(False, "--udp-encap",
-                                   help="DCCP-UDP (RFC 6773) on UDP port P instead of raw IP"),
+                                   help="DCCP-UDP (RFC 6773) instead of raw IP protocol 33"),
+    udp_port: int | None = typer.Option(
+        None, "--udp-port", min=1, max=65535,
+        help="with --udp-encap: the UDP port to listen on (default: the DCCP port's number)"),
     bind: str | None = typer.Option(None, "--bind", help="local address (default: all)"),
     ipv6: bool = typer.Option(False, "--ipv6", help="IPv6 (implied by an IPv6 --bind)"),
     service: str = typer.Option("0x44434350", "--service", help="service code to accept"),
@@ -211,18 +219,24 @@ def serve_dccp(
     except ValueError as e:
         print(f"vstack serve dccp: bad --service {service!r}", file=sys.stderr)
         raise typer.Exit(2) from e
+    if udp_port is not None and not udp_encap:
+        print("vstack serve dccp: --udp-port needs --udp-encap", file=sys.stderr)
+        raise typer.Exit(2)
     from vstack.dccp.endpoint import DccpServer
     family = socket.AF_INET6 if (ipv6 or (bind and ":" in bind)) else socket.AF_INET
     counter = BinCounter()
-    label = f"dccp:{port}{'/udp' if udp_encap else ''}{' echo' if echo else ' sink'}"
+    encap = f"/udp:{udp_port or port}" if udp_encap else ""
+    label = f"dccp:{port}{encap}{' echo' if echo else ' sink'}"
 
     async def start() -> DccpServer:
         return await DccpServer.start(port=port, family=family, bind=bind,
                                       transport="udp" if udp_encap else "raw",
-                                      service_code=code, echo=echo, counter=counter)
+                                      service_code=code, echo=echo, counter=counter,
+                                      udp_port=udp_port)
 
     def extra(server: DccpServer) -> str:
-        return f"conns={len(server.connections)} accepted={server.accepted}"
+        more = f" port_reuse={server.port_reuse}" if udp_encap else ""
+        return f"conns={len(server.connections)} accepted={server.accepted}{more}"
 
     try:
         asyncio.run(_serve(start, counter, label, seconds, csv_path, extra))
