@@ -45,6 +45,7 @@ from typing import Any
 
 from vstack.analysis.classifier import ParseError, classify, flow_new_event
 from vstack.analysis.flowkey import FlowKey
+from vstack.analysis.reassembly import FragmentError, Reassembler
 from vstack.config import Config
 from vstack.decision.events import Event
 from vstack.execution.endpoint import Endpoint
@@ -132,6 +133,8 @@ class Datapath:
         self.slow_packets = 0
         self.malformed = 0
         self.fragments = 0
+        # IP fragments are reassembled (bounded; see vstack.analysis.reassembly)
+        self.reassembler = Reassembler()
         self.dropped = 0
         self.errors = 0
         self.decide_errors = 0
@@ -285,9 +288,7 @@ class Datapath:
             return
         p = c.packet
         if c.fragment:
-            # fragments carry no complete transport header: pass them on unchanged
-            self.fragments += 1
-            self._raw_send(pkt, c.family, c.dst)
+            self._fragment(pkt)
             return
         key = c.key
         e = self.table.get(key)
@@ -297,16 +298,37 @@ class Datapath:
                 return
         e.handle(pkt, p.payload_offset, p.payload_offset + p.payload_len)
 
-    def _raw_send(self, pkt: bytes, family: int, dst: str) -> None:
-        raw = self._raw
-        s = None if raw is None else (raw.v4 if family == 4 else raw.v6)
-        if s is None:
-            self.dropped += 1
+    def _fragment(self, pkt: bytes) -> None:
+        """An IPv4/IPv6 fragment: held until its datagram is complete (bounded memory and
+        time, see ``Reassembler``); then the datagram goes to its flow like any packet. A
+        payload stack (udp, dccp, tcp, ...) gets the whole reassembled payload, to its
+        NAT-mapped target; a packet-mode flow (raw stack, dropped) gets the original
+        fragments, since a raw socket cannot send a datagram larger than the MTU.
+        Fragments of datagrams that never complete are counted (``fragments_dropped``)."""
+        self.fragments += 1
+        try:
+            done = self.reassembler.push(pkt, time.monotonic())
+        except FragmentError:
+            self.malformed += 1
+            return
+        if done is None:
             return
         try:
-            s.sendto(pkt, (dst, 0))
-        except OSError as e:
-            self._count_error(e)
+            c = classify(done.packet)
+        except ParseError:
+            self.malformed += 1
+            return
+        e = self.table.get(c.key)
+        if e is None:
+            e = self._new_flow(c)
+            if e is None:
+                return
+        if e.packet_mode:
+            for f in done.fragments:
+                e.handle(f, 0, len(f))
+        else:
+            p = c.packet
+            e.handle(done.packet, p.payload_offset, p.payload_offset + p.payload_len)
 
     def _new_flow(self, c: Any) -> StackEngine | None:
         key: FlowKey = c.key
@@ -468,6 +490,7 @@ class Datapath:
         dt = max(mono - self._last_tick, 1e-6)
         self._last_tick = mono
         listeners = self.metrics_listeners
+        self.reassembler.expire(mono)
         for key, e in list(self.table.items()):
             t = e.totals()
             activity = t[0] + t[2] + t[4]
@@ -641,7 +664,9 @@ class Datapath:
             "rx_packets": self.rx_packets, "fast_packets": self.fast_packets,
             "batched": self.batched, "pauses": self.pauses,
             "slow_packets": self.slow_packets, "malformed": self.malformed,
-            "fragments": self.fragments, "dropped": self.dropped, "errors": self.errors,
+            "fragments": self.fragments, "reassembled": self.reassembler.stats.reassembled,
+            "fragments_dropped": self.reassembler.stats.dropped_fragments,
+            "dropped": self.dropped, "errors": self.errors,
             "decide_errors": self.decide_errors, "flows": c.current,
             "flows_created": c.created, "flows_expired": c.expired,
             "flows_evicted": c.evicted,

@@ -2,16 +2,19 @@
 the TUN, as in tests/net/test_datapath_loop.py): a failed DCCP stack leaves the cache and
 the flow falls back to UDP with a ``stack.error`` event, a later switch builds a fresh
 stack; one cached stack per name (retarget and other options supersede the old one, which
-is closed); the loss in ``flow.metrics`` is per interval."""
+is closed); the loss in ``flow.metrics`` is per interval; IP fragments are reassembled and
+carried by the flow's stack to its NAT target."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
+import struct
 from typing import Any
 
 from vstack.analysis.flowkey import FlowKey
-from vstack.analysis.packet import build_udp, parse
+from vstack.analysis.packet import build_ipv4, build_ipv6, build_udp, parse
 from vstack.config import Config, Target
 from vstack.datapath import Datapath
 from vstack.dccp.endpoint import DccpServer
@@ -216,4 +219,76 @@ def test_loss_is_per_interval() -> None:
             assert 0.09 < losses[0] <= 0.1
         finally:
             b.close()
+    asyncio.run(main())
+
+
+def _frags4(src: str, dst: str, sport: int, dport: int, payload: bytes,
+            ident: int) -> list[bytes]:
+    whole = build_udp(src, dst, sport, dport, payload, ident=ident)[20:]
+    cuts = [0, 1480, 2960, len(whole)]
+    return [build_ipv4(src, dst, 17, whole[a:b], ident=ident, mf=b < len(whole),
+                       frag_offset=a) for a, b in itertools.pairwise(cuts)]
+
+
+def _frags6(src: str, dst: str, sport: int, dport: int, payload: bytes,
+            ident: int) -> list[bytes]:
+    whole = build_udp(src, dst, sport, dport, payload)[40:]
+    cuts = [0, 1232, 2464, len(whole)]
+    return [build_ipv6(src, dst, 44, struct.pack("!BBHI", 17, 0, a | (b < len(whole)), ident)
+                       + whole[a:b]) for a, b in itertools.pairwise(cuts)]
+
+
+def test_fragments_are_reassembled_and_go_through_the_flows_stack_and_nat() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tr4, echo4 = await loop.create_datagram_endpoint(Echo, local_addr=(LO, 0))
+        tr6, echo6 = await loop.create_datagram_endpoint(Echo, local_addr=("::1", 0))
+        p4, p6 = tr4.get_extra_info("sockname")[1], tr6.get_extra_info("sockname")[1]
+        cfg = Config()
+        cfg.vnic.fwmark = 0
+        cfg.execution.metrics_interval_s = 60.0
+        # virtual destinations, NAT-mapped to the loopback echoes
+        cfg.nat["192.0.2.9:7"] = {"udp": Target(LO, p4)}
+        cfg.nat["[2001:db8::9]:7"] = {"udp": Target("::1", p6)}
+        app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        app.setblocking(False)
+        for s in (app, tun):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        dp = Datapath(cfg)
+        dp.attach(tun.fileno(), loop)
+        got: list[bytes] = []
+
+        def readable() -> None:
+            while True:
+                try:
+                    got.append(app.recv(65535))
+                except BlockingIOError:
+                    return
+        loop.add_reader(app.fileno(), readable)
+        try:
+            big4, big6 = bytes(range(256)) * 14, bytes(reversed(range(256))) * 13
+            frags = _frags4(APP, "192.0.2.9", 41000, 7, big4, 77)
+            for f in reversed(frags):  # any order
+                app.send(f)
+            await _until(lambda: echo4.seen == [big4])
+            await _until(lambda: len(got) == 1)
+            r = parse(got[0])
+            assert (r.src, r.dst) == ("192.0.2.9", APP) and r.payload(got[0]) == big4
+            for f in _frags6("fd00::1", "2001:db8::9", 41001, 7, big6, 78):
+                app.send(f)
+            await _until(lambda: echo6.seen == [big6])
+            # an incomplete datagram is held, then timed out and counted
+            app.send(_frags4(APP, "192.0.2.9", 41002, 7, big4, 79)[0])
+            await _until(lambda: dp.stats()["fragments"] == 7)
+            assert len(dp.reassembler) == 1
+            dp.tick(now_mono=loop.time() + 10 ** 6)
+            stats = dp.stats()
+            assert stats["reassembled"] == 2 and stats["fragments_dropped"] == 1
+            assert len(dp.reassembler) == 0
+            assert {f.stack for f in dp.flows()} == {"udp"}
+        finally:
+            loop.remove_reader(app.fileno())
+            dp.close()
+            tr4.close()
+            tr6.close()
     asyncio.run(main())
