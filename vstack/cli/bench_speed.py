@@ -291,7 +291,16 @@ def _rss_kb() -> int:
     return 0
 
 
-async def _flows_run(counts: list[int]) -> dict[str, Any]:
+class _DropSelector:
+    """Decides ``drop`` for every flow: the flow's state without a kernel socket."""
+
+    def decide(self, event: Any, now: float) -> Any:
+        from vstack.execution.selector import Decision
+
+        return Decision(drop=True, rule="bench")
+
+
+async def _flows_run(counts: list[int], sockets: bool = True) -> dict[str, Any]:
     from vstack.analysis.packet import build_udp
     from vstack.config import Config
     from vstack.datapath import Datapath
@@ -311,7 +320,7 @@ async def _flows_run(counts: list[int]) -> dict[str, Any]:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     app.setblocking(False)
-    dp = Datapath(cfg)
+    dp = Datapath(cfg, None if sockets else _DropSelector())
     dp.attach(tun.fileno(), loop)
     # 10.x.y.z:p -> sink: a new 5-tuple per packet (built beforehand, outside the timing)
     gc.collect()
@@ -351,7 +360,7 @@ async def _flows_run(counts: list[int]) -> dict[str, Any]:
     return out
 
 
-def run_flows(counts: list[int]) -> dict[str, Any]:
+def run_flows(counts: list[int], sockets: bool = True) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = max(counts) + 1000
     if soft < need:  # one UDP socket per flow (root may raise the hard limit too)
@@ -360,7 +369,10 @@ def run_flows(counts: list[int]) -> dict[str, Any]:
         except (ValueError, OSError):
             with contextlib.suppress(ValueError, OSError):
                 resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
-    return asyncio.run(_flows_run(counts))
+    if sockets:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 500
+        counts = [c for c in counts if c <= limit] or [limit]
+    return asyncio.run(_flows_run(counts, sockets))
 
 
 @bench_app.command("flows")
@@ -368,29 +380,47 @@ def flows_cmd(
     max_flows: int = typer.Option(100_000, "--max", help="largest flow count (10^4 .. 10^6)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """RSS per flow and the new-flow rate at 10^4, 10^5 (and 10^6) flows."""
+    """RSS per flow and the new-flow rate at 10^4, 10^5 (and 10^6) flows: UDP-stack flows
+    (one kernel socket each, up to the open-file limit) and the flow state alone (a drop
+    decision: classifier, flow table, engine, no socket)."""
     counts = [c for c in (10_000, 100_000, 1_000_000) if c <= max_flows] or [max_flows]
     load0 = os.getloadavg()[0]
-    try:
-        r = run_flows(counts)
-    except OSError as e:
-        typer.echo(f"vstack: error: {e} (one UDP socket per flow: raise the open-file "
-                   "limit, ulimit -n)", err=True)
-        raise typer.Exit(1) from None
-    pts = {p["flows"]: p for p in r["points"]}
-    last = r["points"][-1]
-    ref = pts.get(100_000, last)
+    series: dict[str, Any] = {}
+    for name, sockets in (("udp", True), ("state", False)):
+        # each series in a fresh process: RSS freed by one must not hide the other's
+        code = ("import json; from vstack.cli.bench_speed import run_flows; "
+                f"print(json.dumps(run_flows({counts!r}, {sockets})))")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=False)
+        if p.returncode != 0:
+            typer.echo(f"vstack: error: bench flows ({name}): {p.stderr.strip()[-1500:]}",
+                       err=True)
+            raise typer.Exit(1)
+        series[name] = json.loads(p.stdout.strip().splitlines()[-1])["points"]
+    udp = {p["flows"]: p for p in series["udp"]}
+    state = {p["flows"]: p for p in series["state"]}
+    ref_u = udp.get(100_000, series["udp"][-1])
     out = {
-        "bytes_per_flow": ref["bytes_per_flow"],
-        "rss_mb_100k": pts[100_000]["rss_mb"] if 100_000 in pts else None,
-        "new_flows_per_s": ref["new_flows_per_s"],
-        "points": r["points"],
+        # UDP-stack flows (a connected socket each): the full per-flow cost
+        "bytes_per_flow": ref_u["bytes_per_flow"],
+        "rss_mb_100k": udp[100_000]["rss_mb"] if 100_000 in udp else None,
+        "new_flows_per_s": ref_u["new_flows_per_s"],
+        "udp_flows_measured": ref_u["flows"],
+        "open_file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        # the flow state alone (no socket)
+        "state_bytes_per_flow": state.get(100_000, series["state"][-1])["bytes_per_flow"],
+        "state_rss_mb_100k": state[100_000]["rss_mb"] if 100_000 in state else None,
+        "state_new_flows_per_s": state.get(100_000, series["state"][-1])["new_flows_per_s"],
+        "udp": series["udp"],
+        "state": series["state"],
         "loadavg": round(load0, 2),
     }
     if as_json:
         typer.echo(json.dumps(out))
         return
-    for p in r["points"]:
-        typer.echo(f"{p['flows']:>8} flows: RSS {p['rss_mb']:7.1f} MB, "
-                   f"{p['bytes_per_flow']:6d} B/flow, {p['new_flows_per_s']:7d} new flows/s")
-    typer.echo(f"load average {out['loadavg']}")
+    for name in ("udp", "state"):
+        for p in series[name]:
+            typer.echo(f"{name:5s} {p['flows']:>8} flows: RSS {p['rss_mb']:7.1f} MB, "
+                       f"{p['bytes_per_flow']:6d} B/flow, {p['new_flows_per_s']:7d} new flows/s")
+    typer.echo(f"open-file limit {out['open_file_limit']} (one socket per UDP flow); "
+               f"load average {out['loadavg']}")
