@@ -53,8 +53,11 @@ def _ready(p: subprocess.Popen[str], needle: str) -> None:
     raise AssertionError(f"no {needle!r}: {''.join(lines)[-2000:]}")
 
 
+@pytest.mark.parametrize("transport", ["raw", "udp"])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_udp_app_over_dccp_echo(testbed: Any, tmp_path: Path, v6: bool) -> None:
+def test_udp_app_over_dccp_echo(testbed: Any, tmp_path: Path, v6: bool, transport: str) -> None:
+    """``transport="udp"``: DCCP-UDP (RFC 6773), the server's UDP port (7101) apart from its
+    DCCP port (7001), which the NAT target names."""
     tb = testbed
     ln = tb.links[0]
     server = ln.server6 if v6 else ln.server4
@@ -64,10 +67,13 @@ def test_udp_app_over_dccp_echo(testbed: Any, tmp_path: Path, v6: bool) -> None:
     cfg = tmp_path / "vstack.toml"
     cfg.write_text(f'[vnic]\nname = "vt{secrets.token_hex(3)}"\n'
                    f'[execution]\ndefault_stack = "dccp"\n'
-                   f'[nat."{key}"]\ndccp = "{target}"\n')
+                   f'[nat."{key}"]\ndccp = "{target}"\n'
+                   + ('[stacks.dccp]\ntransport = "udp"\nudp_port = 7101\n'
+                      if transport == "udp" else ""))
+    encap = ["--udp-encap", "--udp-port", "7101"] if transport == "udp" else []
     py = sys.executable
     srv = tb.popen(tb.server, [py, "-m", "vstack", "serve", "dccp", "--echo", "--port", "7001",
-                               "--bind", server, "--seconds", "120"],
+                               *encap, "--bind", server, "--seconds", "120"],
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _ready(srv, "ready")
     daemon = tb.popen(tb.edge, [py, "-m", "vstack", "run", "--config", str(cfg)],
