@@ -375,10 +375,18 @@ class Datapath:
             try:
                 e.activate(name, d.options, d.rule)
             except EngineError as err:
-                log.warning("flow %s: %s; using raw", key, err)
-                try:
-                    e.activate("raw", None, "fallback")
-                except EngineError:
+                # the chosen stack failed to open: the default stack, else raw, else drop
+                for fb in dict.fromkeys((default, "raw")):
+                    if fb == name or not e.can_carry(fb):
+                        continue
+                    try:
+                        e.activate(fb, None, "fallback")
+                    except EngineError:
+                        continue
+                    log.warning("flow %s: %s; using %s", key, err, fb)
+                    break
+                else:
+                    log.warning("flow %s: %s; dropping", key, err)
                     e.set_drop()
         evicted = self.table.insert(key, e, time.monotonic())
         if evicted is not None:

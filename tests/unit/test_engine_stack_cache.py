@@ -22,6 +22,7 @@ from vstack.decision.checker import check
 from vstack.decision.events import EVENT_SCHEMA, Event
 from vstack.decision.parser import parse_rules
 from vstack.execution import engine as engine_mod
+from vstack.execution.selector import Decision
 from vstack.execution.stacks.dccp import DccpStack
 
 APP = "10.0.0.1"
@@ -59,6 +60,9 @@ class Bed:
     """Datapath on a socketpair; two UDP echoes; a DCCP-UDP echo that NAT maps the flow's
     destination to for the dccp stack."""
 
+    def __init__(self, selector: Any = None) -> None:
+        self.selector = selector
+
     async def start(self) -> Bed:
         loop = asyncio.get_running_loop()
         self.echoes: list[Echo] = []
@@ -77,7 +81,7 @@ class Bed:
         self.app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.app.setblocking(False)
         self._tun = tun
-        self.dp = Datapath(cfg)
+        self.dp = Datapath(cfg, self.selector)
         self.dp.attach(tun.fileno(), loop)
         self.events: list[Event] = []
         self.dp.metrics_listeners.append(self.events.append)
@@ -291,4 +295,25 @@ def test_fragments_are_reassembled_and_go_through_the_flows_stack_and_nat() -> N
             dp.close()
             tr4.close()
             tr6.close()
+    asyncio.run(main())
+
+
+class _PickDccp:
+    """A selector that puts every new flow on a DCCP stack that cannot open."""
+
+    def decide(self, event: Event, now: float) -> Decision:
+        return Decision(stack="dccp", rule="pick", options={"transport": "sctp"})
+
+
+def test_a_new_flow_whose_stack_fails_to_open_uses_the_default_stack() -> None:
+    async def main() -> None:
+        b = await Bed(_PickDccp()).start()
+        try:
+            await b.round_trip(b"first")  # carried by udp, not raw, not dropped
+            e = b.engine()
+            assert e.stack_name == "udp" and e.rule == "fallback"
+            assert "dccp" not in e.stacks
+            assert b.echoes[0].seen == [b"first"]
+        finally:
+            b.close()
     asyncio.run(main())
