@@ -20,10 +20,12 @@ Semantics beyond the evaluator's (``vstack.decision.evaluator``):
   that flow until D has passed. A rule takes effect when one of its actions changed
   something (a ``use_stack`` of the stack the flow is already on did not) or a ``log`` /
   timer action of it ran; on ``flow.new``, when its actions are in the decision.
-* The flow's current stack, interface and target are read from the actuator before an
-  event about a flow is evaluated (``flow_info(key)`` where the actuator has it, O(1);
-  else its ``flows()`` listing): ``vstack switch``, management handled without rules and
-  the datapath change them without telling the engine.
+* The flow's current stack, interface and target are read from the actuator's
+  ``flow_info(key)`` (O(1); the Datapath has it) before an event about a flow is
+  evaluated: ``vstack switch``, management handled without rules and the datapath change
+  them without telling the engine. An actuator without ``flow_info`` (replay's: only the
+  engine changes its flows) is not asked - listing all its flows per event made replay
+  and learning ~10x slower - so the engine goes by what it last decided or listed.
 * Events about a flow (``event.flow``, or a ``flow`` field holding a flow key, as in
   ``mgmt.switch``) are evaluated once with the flow's facts (its classifier fields, its
   current stack/interface, its last metrics) under the event's fields. Events without a
@@ -356,18 +358,15 @@ class DecisionEngine:
         return applied
 
     def _refresh(self, key: FlowKey, f: _Flow) -> None:
-        """Take the flow's current stack, interface and target from the actuator (O(1)
-        with ``flow_info``). A flow it does not know (ended, or not added yet) keeps what
-        the engine last knew; so does a failing lookup (counted in ``errors``)."""
-        act = self.actuator
-        if act is None:
+        """Take the flow's current stack, interface and target from the actuator's
+        ``flow_info`` (O(1)), where it has one. A flow it does not know (ended, or not
+        added yet) keeps what the engine last knew; so does a failing lookup (counted in
+        ``errors``)."""
+        lookup = getattr(self.actuator, "flow_info", None)
+        if lookup is None:
             return
         try:
-            lookup = getattr(act, "flow_info", None)
-            if lookup is not None:
-                info = lookup(key)
-            else:
-                info = next((i for i in act.flows() if i.key == key), None)
+            info = lookup(key)
         except Exception:
             log.exception("reading flow %s from the actuator failed", key)
             self.stats["errors"] += 1
