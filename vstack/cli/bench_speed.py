@@ -294,10 +294,13 @@ def _rss_kb() -> int:
 class _DropSelector:
     """Decides ``drop`` for every flow: the flow's state without a kernel socket."""
 
-    def decide(self, event: Any, now: float) -> Any:
+    def __init__(self) -> None:
         from vstack.execution.selector import Decision
 
-        return Decision(drop=True, rule="bench")
+        self.decision = Decision(drop=True, rule="bench")
+
+    def decide(self, event: Any, now: float) -> Any:
+        return self.decision
 
 
 async def _flows_run(counts: list[int], sockets: bool = True) -> dict[str, Any]:
