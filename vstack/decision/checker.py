@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal as Lit
 
 from vstack.decision import ast as A
+from vstack.decision.events import EVENT_SCHEMA
 from vstack.decision.semantics import (
     ACTIONS,
     SLOT_ACTIONS,
@@ -128,9 +129,8 @@ class _Checker:
         spec = fields_for(r.event)
         if spec is None:
             self.err(A.Name(r.event, r.event_line, r.event_col),
-                     f"unknown event {r.event!r} (known: flow.new, flow.metrics, flow.idle, "
-                     "link.up, link.down, addr.add, addr.del, route.change, mgmt.<type>, "
-                     "timer.<name>)")
+                     f"unknown event {r.event!r} (known: {', '.join(EVENT_SCHEMA)}, "
+                     "mgmt.<type>, timer.<name>)")
             fields: dict[str, str] = {}
             free = True
         else:
