@@ -147,22 +147,42 @@ class _Control:
 
 
 def _config(name: str, vdst: str, udp_target: str, dccp_target: str, stack: str,
-            transport: str, control: str) -> str:
+            transport: str, control: str, rules: str = "") -> str:
     return (f'[vnic]\nname = "{name}"\n'
             f'[control]\nsocket = "{control}"\n'
             f'[execution]\ndefault_stack = "{stack}"\nmetrics_interval_s = 1.0\n'
             f'[nat."{vdst}"]\nudp = "{udp_target}"\ndccp = "{dccp_target}"\n'
-            f'[stacks.dccp]\ntransport = "{transport}"\n')
+            f'[stacks.dccp]\ntransport = "{transport}"\n'
+            + (f'[decision]\nrules = "{rules}"\n' if rules else ""))
+
+
+PAPER_RULES = Path(__file__).resolve().parents[2] / "rules" / "paper.rules"
+
+
+def _rules_with_period(src: Path, period: float, dst: Path) -> Path:
+    """A copy of ``src`` whose ``param period`` is ``period`` seconds (the demo's
+    --period); the rules themselves are unchanged."""
+    text = re.sub(r"(?m)^param period = .*$", f"param period = {period:g}s", src.read_text())
+    dst.write_text(text)
+    return dst
+
+
+_SWITCHED = re.compile(r"flow \S+ switched (\w+) -> (\w+)")
 
 
 def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
                         period: float = 5.0, rate: float = 1000.0, size: int = 200,
                         transport: str = "raw",
                         echo: Callable[[str], None] | None = None,
-                        live_counts: bool = False, ipv6: bool = False) -> SwitchRun:
+                        live_counts: bool = False, ipv6: bool = False,
+                        rules: Path | None = None) -> SwitchRun:
     """Run the experiment on testbed ``tb`` (edge + server namespaces); CSVs go to
     ``out_dir``. ``echo`` receives progress lines (the demo prints them); with
-    ``live_counts`` also each server's per-second counts as they come."""
+    ``live_counts`` also each server's per-second counts as they come.
+
+    With ``rules`` (e.g. ``rules/paper.rules``) the daemon's rule engine switches the flow
+    by its own timer (``param period`` set to ``period``) and the switches are read from
+    the daemon's log; without, the scenario switches it through the control socket."""
     say = echo or (lambda _m: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,9 +214,14 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
         name = f"vb{secrets.token_hex(3)}"
         stacks = ["udp", "dccp"]
 
+        rules_path = ""
+        if rules is not None:
+            rules_path = str(_rules_with_period(rules, period, Path(tmp) / rules.name))
+
         def write_cfg(stack: str) -> None:
             tmpf = cfg.with_suffix(".tmp")
-            tmpf.write_text(_config(name, vdst, udp_t, dccp_t, stack, transport, ctl_path))
+            tmpf.write_text(_config(name, vdst, udp_t, dccp_t, stack, transport, ctl_path,
+                                    rules_path))
             os.replace(tmpf, cfg)
 
         write_cfg("udp")
@@ -231,12 +256,16 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
             t_start = time.monotonic()
             # switch through the control socket (vstack switch): the daemon does nothing
             # else then; without it, a reloaded configuration (SIGHUP) does the same
-            flow = ctl.find_flow(f"->{vdst}")
-            say(f"switch: flow {flow} via the control socket" if flow else
-                "switch: no control socket; switching by configuration reload (SIGHUP)")
-            i = 0
             seen = {"udp"}  # the flow starts on UDP: that stack exists from the start
-            while app.poll() is None:
+            if rules is not None:
+                say(f"switch: by the rule engine ({rules.name}, period {period:g} s)")
+                _follow_rule_switches(app, daemon_lines, run, seen, t_start, seconds, say)
+            flow = None if rules is not None else ctl.find_flow(f"->{vdst}")
+            if rules is None:
+                say(f"switch: flow {flow} via the control socket" if flow else
+                    "switch: no control socket; switching by configuration reload (SIGHUP)")
+            i = 0
+            while rules is None and app.poll() is None:
                 now = time.monotonic()
                 if now - t_start >= period * (i + 1) and now - t_start < seconds - 0.5:
                     i += 1
@@ -286,6 +315,30 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
         if done and not live_counts:
             say(done[-1].strip())
     return run
+
+
+def _follow_rule_switches(app: subprocess.Popen[str], daemon_lines: list[str],
+                          run: SwitchRun, seen: set[str], t_start: float, seconds: float,
+                          say: Callable[[str], None]) -> None:
+    """Until the app ends, record each switch the daemon logs (``flow ... switched A -> B``)
+    at the time it is seen (the gap analysis locates it precisely from the servers' bins).
+    A switch in the app's last half second has no traffic after it and is not counted."""
+    done = 0
+    while app.poll() is None:
+        while done < len(daemon_lines):
+            m = _SWITCHED.search(daemon_lines[done])
+            done += 1
+            if m is None:
+                continue
+            to = m.group(2)
+            now = time.monotonic()
+            if now - t_start >= seconds - 0.5:
+                continue
+            run.switches.append(Switch(now, to, to in seen))
+            seen.add(to)
+            say(f"switch: t={now - t_start:5.1f}s -> {to}"
+                f"{' (cached stack)' if run.switches[-1].cached else ' (new stack)'}")
+        time.sleep(0.005)
 
 
 # ------------------------------------------------------------------------------ analysis
@@ -493,8 +546,9 @@ def run_demo(tb: Any, *, seconds: float = 20.0, period: float = 5.0, rate: float
     switches UDP <-> DCCP every ``period`` s; per-second counts of both servers are echoed
     live, then the summary. Files go to a temporary folder that is removed."""
     with tempfile.TemporaryDirectory(prefix="vstack-demo-") as tmp:
+        rules = PAPER_RULES if PAPER_RULES.is_file() else None
         run = run_switch_scenario(tb, tmp, seconds=seconds, period=period, rate=rate,
-                                  echo=echo, live_counts=True)
+                                  echo=echo, live_counts=True, rules=rules)
         figs = analyse(run, tmp)
         for line in summary_lines(figs)[:-1]:
             echo(f"demo: {line}")
