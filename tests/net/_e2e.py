@@ -26,9 +26,12 @@ import json, select, signal, socket, sys
 socks = {}
 for spec in sys.argv[1:]:
     host, port = spec.rsplit(":", 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    s.bind((host, int(port)))
+    s.bind((host.strip("[]"), int(port)))
     s.setblocking(False)
     socks[s] = spec
 seen = {spec: [] for spec in socks.values()}

@@ -15,40 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.net._e2e import ECHO
 from vstack.testbed import Testbed
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
-ECHO = r"""
-import json, select, signal, socket, sys
-socks = {}
-for spec in sys.argv[1:]:
-    host, port = spec.rsplit(":", 1)
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    if fam == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    s.bind((host.strip("[]"), int(port)))
-    s.setblocking(False)
-    socks[s] = spec
-seen = {spec: [] for spec in socks.values()}
-def done(*_):
-    print(json.dumps(seen), flush=True)
-    sys.exit(0)
-signal.signal(signal.SIGTERM, done)
-print("ready", flush=True)
-while True:
-    r, _, _ = select.select(list(socks), [], [])
-    for s in r:
-        while True:
-            try:
-                data, peer = s.recvfrom(65535)
-            except BlockingIOError:
-                break
-            seen[socks[s]].append(int.from_bytes(data[:4], "big"))
-            s.sendto(data, peer)
-"""
 
 CLIENT = r"""
 import json, socket, sys

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,6 @@ from tests.net._e2e import (
     finish,
     stop_done,
     stop_json,
-    tmpdir_short,
     wait_line,
 )
 
@@ -48,23 +45,7 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 VDST = "10.99.0.9"  # a virtual destination: only the NAT knows where it goes
 
 
-@pytest.fixture
-def tb() -> Iterator[Any]:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    from vstack.testbed import Testbed
-
-    with Testbed(prefix="vj") as t:
-        yield t
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    d = tmpdir_short()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+TESTBED_PREFIX = "vj"  # netns names of this module (tests/net/conftest.py)
 
 
 def _send_mgmt(tb: Any, to: str, key: str, message: dict[str, Any]) -> None:

@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.net._e2e import PY, Daemon, stop_done, tmpdir_short, wait_line
+from tests.net._e2e import PY, Daemon, stop_done, wait_line
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -78,23 +76,7 @@ rule mgmt_dccp: on mgmt.switch if stack == "dccp" then use_stack(dccp)
 """
 
 
-@pytest.fixture
-def tb() -> Iterator[Any]:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    from vstack.testbed import Testbed
-
-    with Testbed(prefix="vl") as t:
-        yield t
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    d = tmpdir_short()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+TESTBED_PREFIX = "vl"  # netns names of this module (tests/net/conftest.py)
 
 
 def _vstack(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
