@@ -109,7 +109,10 @@ def _config(name: str, stack: str, workers: int, nice: int, dst: str, offload: b
     return (f'[vnic]\nname = "{name}"\nqueues = {workers}\noffload = {str(offload).lower()}\n'
             f'[execution]\nmetrics_interval_s = 1.0\nnice = {nice}\ndefault_stack = "{stack}"\n'
             f'[stacks.dccp]\ntransport = "udp"\n'
-            f'[nat."{host}:{SINK_PORT}"]\ndccp = "{host}:{DCCP_PORT}"\n')
+            # e.g. VSTACK_BENCH_DCCP_WINDOW=1000: CCID2's cwnd is capped at Sequence Window/5
+            + (f"conn = {{ sequence_window = {int(os.environ['VSTACK_BENCH_DCCP_WINDOW'])} }}\n"
+               if os.environ.get("VSTACK_BENCH_DCCP_WINDOW") else "")
+            + f'[nat."{host}:{SINK_PORT}"]\ndccp = "{host}:{DCCP_PORT}"\n')
 
 
 def _one(tb: Any, mode: str, seconds: float, daemon_pid: int, dst: str, size: int,
