@@ -148,9 +148,12 @@ def _one(tb: Any, mode: str, seconds: float, daemon_pid: int, dst: str, size: in
 
 def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice: int,
                    sender: str, stack: str, workers: int, flows: int, payload: int,
-                   offload: bool = True) -> None:
+                   offload: bool | None = None) -> None:
     from vstack.cli.bench_datapath import SINK
     from vstack.testbed import Testbed, TestbedError
+
+    if offload is None:  # VSTACK_BENCH_OFFLOAD=0: the plain TUN, for comparison
+        offload = os.environ.get("VSTACK_BENCH_OFFLOAD", "1") != "0"
 
     if sender not in ("datagram", "gso") or stack not in ("udp", "dccp"):
         typer.echo("vstack: error: --sender datagram|gso, --stack udp|dccp", err=True)
