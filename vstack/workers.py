@@ -180,6 +180,7 @@ async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int) -> in
         except ConfigError as e:
             log.error("SIGHUP: configuration not reloaded: %s", e)
             return
+        new.vnic.queues = cfg.vnic.queues  # --workers is not in the file
         dp.reload(new)
         if driver is not None:
             driver.reload()

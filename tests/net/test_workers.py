@@ -79,6 +79,12 @@ def test_flows_stay_on_one_worker_and_all_are_forwarded(tmp_path) -> None:
         assert set(per_flow.values()) == {1}
         workers = collections.Counter(w for w, _flow in created)
         assert set(workers) == {"0", "1"}
+        # SIGHUP reaches the workers; --workers / queues is not a [vnic] change
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_log("configuration reloaded")
+        time.sleep(0.5)
+        assert "need a restart" not in d.text()
         assert d.stop() == 0
         # the worker's own counters: it forwarded exactly its flows' datagrams
         final = re.findall(r" w1 vstack\.workers: final counters (.*)", d.text())

@@ -179,6 +179,7 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
             except ConfigError as e:
                 log.error("SIGHUP: configuration not reloaded: %s", e)
                 return
+            new.vnic.queues = cfg.vnic.queues  # --workers is not in the file
             dp.reload(new)
             if driver is not None:
                 driver.reload()
