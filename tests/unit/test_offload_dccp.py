@@ -50,3 +50,29 @@ def test_oversize_is_refused_alone() -> None:
     st.send_many([memoryview(b"a" * 50), memoryview(b"b" * 200), memoryview(b"c" * 50)])
     assert [len(x) for x in c.calls] == [50, 200, 50]
     assert (st.metrics.packets_out, st.metrics.drops) == (2, 1)
+
+
+def test_dccp_udp_batches_keep_every_packet_and_its_boundaries() -> None:
+    import socket
+
+    from vstack.dccp.transport import UdpDccpSocket
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(2)
+    port = rx.getsockname()[1]
+    tx = UdpDccpSocket(socket.AF_INET, bind="127.0.0.1")
+    try:
+        # DCCP-ish packets (checksum field zero): runs of equal size, shorter ends, sizes up
+        datas = ([bytes([i]) * 6 + b"\0\0" + bytes([i]) * 92 for i in range(10)]
+                 + [b"\x0a" * 6 + b"\0\0" + b"\x0a" * 40]
+                 + [bytes([20 + i]) * 6 + b"\0\0" + bytes([20 + i]) * 192 for i in range(5)]
+                 + [b"\x30" * 6 + b"\0\0" + b"\x30" * 4])
+        assert tx.sendto_many(datas, "127.0.0.1", port) == len(datas)
+        got = [rx.recv(2048) for _ in datas]
+        assert got == datas
+        assert tx.stats.tx_gso >= 2  # the two runs went as GSO sends
+        assert tx.stats.tx == len(datas)
+    finally:
+        tx.close()
+        rx.close()

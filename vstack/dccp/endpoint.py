@@ -165,7 +165,23 @@ class DccpEndpoint:
     def pump(self) -> None:
         """Send what the connection has, hand out its events, re-arm its timer."""
         now = self.now()
-        for pkt in self.conn.packets_to_send(now):
+        pkts = self.conn.packets_to_send(now)
+        if len(pkts) > 1:
+            # a window's worth at once: DCCP-UDP sends runs of equal-size packets with
+            # one UDP_SEGMENT sendmsg (issue 6); raw DCCP one sendto each
+            datas = []
+            for pkt in pkts:
+                try:
+                    datas.append(_encode(self.sock, pkt, self.local_ip, self.remote_ip))
+                except ValueError:
+                    self.stats.tx_dropped += 1
+            try:
+                ok_n = self.sock.sendto_many(datas, self.remote_ip, self.udp_port)
+            except TransportError:
+                ok_n = 0
+            self.stats.tx_packets += ok_n
+            self.stats.tx_dropped += len(datas) - ok_n
+        for pkt in pkts if len(pkts) == 1 else ():
             try:
                 data = _encode(self.sock, pkt, self.local_ip, self.remote_ip)
                 ok = self.sock.sendto(data, self.remote_ip, self.udp_port)

@@ -36,11 +36,18 @@ import errno
 import ipaddress
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from vstack.dccp.checksum import checksum_coverage, internet_checksum, pseudo_header
 from vstack.dccp.packet import DCCP_UDP_MIN_LEN, DccpParseError, check_udp_payload
+
+_SOL_UDP = 17
+_UDP_SEGMENT = 103  # linux/udp.h: UDP GSO segment size (u16 cmsg)
+_GSO_MAX_SEGS = 64
+_GSO_MAX_BYTES = 65000
+_BYTEORDER = sys.byteorder
 
 IPPROTO_DCCP = 33
 IPPROTO_UDP = 17
@@ -107,6 +114,7 @@ class SocketStats:
     rx: int = 0
     tx: int = 0
     tx_drops: int = 0  # EAGAIN/ENOBUFS on send
+    tx_gso: int = 0  # DCCP-UDP: sendmsg calls with UDP_SEGMENT (several packets each)
     rx_bad: int = 0  # too short / unparsable IP header
     rx_errors: int = 0
 
@@ -193,6 +201,11 @@ class DccpSocket(abc.ABC):
     @abc.abstractmethod
     def sendto(self, data: bytes, remote: str, udp_port: int = 0) -> bool:
         """Send one encoded DCCP packet; False when the kernel dropped it (counted)."""
+
+    def sendto_many(self, datas: list[bytes], remote: str, udp_port: int = 0) -> int:
+        """Send several encoded DCCP packets, in order; returns how many left. Default: one
+        ``sendto`` each (DCCP-UDP batches them, see :class:`UdpDccpSocket`)."""
+        return sum(1 for d in datas if self.sendto(d, remote, udp_port))
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> bool:
         try:
@@ -404,6 +417,58 @@ class UdpDccpSocket(DccpSocket):
         if data[6] or data[7]:
             data = data[:6] + b"\0\0" + data[8:]
         return self._send(data, (remote, udp_port))
+
+    gso = True  # UDP_SEGMENT batches (issue 6); off once the kernel refuses one
+
+    def sendto_many(self, datas: list[bytes], remote: str, udp_port: int = 0) -> int:
+        """Send DCCP packets in order; each run of equal-length packets (the last of a run
+        may be shorter, as UDP GSO allows) leaves with one ``sendmsg`` carrying
+        ``UDP_SEGMENT``: the kernel cuts them apart again, the peer receives the same
+        datagrams. One ``sendto`` each where GSO is refused (remembered) or a run is a
+        single packet. Returns how many left."""
+        if not self.gso or len(datas) < 2:
+            return super().sendto_many(datas, remote, udp_port)
+        if not 0 < udp_port < 65536:
+            raise TransportError(errno.EINVAL, f"DCCP-UDP needs the peer's UDP port ({udp_port})")
+        sent = 0
+        i, n = 0, len(datas)
+        while i < n:
+            size = len(datas[i])
+            j = i + 1
+            total = size
+            while (j < n and j - i < _GSO_MAX_SEGS and len(datas[j]) <= size
+                   and total + len(datas[j]) <= _GSO_MAX_BYTES):
+                total += len(datas[j])
+                j += 1
+                if len(datas[j - 1]) < size:
+                    break  # a shorter one ends the run
+            run = datas[i:j]
+            if len(run) == 1 or any(d[6] or d[7] or len(d) < 12 for d in run):
+                sent += sum(1 for d in run if self.sendto(d, remote, udp_port))
+            else:
+                sent += self._send_gso(run, size, (remote, udp_port))
+            i = j
+        return sent
+
+    def _send_gso(self, run: list[bytes], size: int, addr: tuple[str, int]) -> int:
+        try:
+            self.sock.sendmsg(run, [(_SOL_UDP, _UDP_SEGMENT, size.to_bytes(2, _BYTEORDER))],
+                              0, addr)
+        except (BlockingIOError, InterruptedError):
+            self.stats.tx_drops += len(run)
+            return 0
+        except OSError as e:
+            if e.errno in (errno.ENOBUFS, errno.EAGAIN):
+                self.stats.tx_drops += len(run)
+                return 0
+            if e.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT,
+                           errno.EMSGSIZE):
+                self.gso = False  # this kernel / route: one by one from now on
+                return sum(1 for d in run if self._send(d, addr))
+            raise TransportError(e.errno, f"send to {addr[0]}: {e.strerror}") from e
+        self.stats.tx += len(run)
+        self.stats.tx_gso += 1
+        return len(run)
 
 
 def _attach_filter(s: socket.socket, prog: tuple[tuple[int, int, int, int], ...]) -> bool:
