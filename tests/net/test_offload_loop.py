@@ -129,7 +129,7 @@ def test_super_packets_split_and_replies_coalesced(family: int) -> None:
             sent += pls
             # one burst at a time: the echo socket's default buffer holds one, not all
             want = len(sent)
-            await _wait(lambda w=want: len(echo.seen) >= w)  # type: ignore[misc]
+            await _wait(lambda w=want: len(echo.seen) >= w)
         await _wait(lambda: len(_app_side(got)) >= len(sent))
         assert len(echo.seen) == len(sent), (len(echo.seen), len(sent), dp.stats(), len(got))
         assert echo.seen == sent  # every datagram, whole, in order
