@@ -237,7 +237,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
     workers: int | None = typer.Option(
         None, "--workers", help="worker processes, one per TUN queue (0: one per core; "
-        "default: [vnic] queues, 1)"),
+        "default: the config's vnic.queues, 1)"),
 ) -> None:
     """Run the vstack daemon: VNIC, routes, datapath, until SIGTERM/SIGINT (SIGHUP reloads)."""
     setup_logging(verbose)
