@@ -27,6 +27,13 @@ the first, one active DCCP connection per UDP 4-tuple; a packet on that 4-tuple 
 DCCP ports (or another local address) never reaches the DCCP module and gets a Reset with
 code 12, Encapsulated Port Reuse (§7.2: Data 1 the packet's type, Data 2-3 its UDP source
 port).
+
+Sequence Window: the endpoints here announce a local Sequence Window of
+:data:`ENDPOINT_SEQUENCE_WINDOW` (1000) unless ``conn_options`` says otherwise; the sans-IO
+connection's own default stays RFC 4340's 100. The feature is non-negotiated (§6.4, §7.5.2):
+each endpoint announces its own with Change L and the peer takes it. CCID2's cwnd is capped
+at Sequence Window / 5 (as Linux), so with 100 the window stops at 20 packets and the DCCP
+stack and ``vstack serve dccp`` ran at half their rate (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -63,6 +70,13 @@ if TYPE_CHECKING:
     from vstack.cli.serve import BinCounter
 
 DEFAULT_SERVICE = 0x44434350  # "DCCP"
+ENDPOINT_SEQUENCE_WINDOW = 1000  # the endpoints' default local Sequence Window (see above)
+
+
+def _conn_config(service_code: int, conn_options: dict[str, Any] | None) -> dc.DccpConfig:
+    opts: dict[str, Any] = {"sequence_window": ENDPOINT_SEQUENCE_WINDOW}
+    opts.update(conn_options or {})
+    return dc.DccpConfig(service_code=service_code, **opts)
 
 EventCallback = Callable[[Any], None]
 
@@ -316,7 +330,7 @@ class DccpClient:
             self._port_held = True
             if isinstance(self.sock, RawDccpSocket):
                 self.sock.filter_port(self.local_port)  # only our packets wake us
-            cfg = dc.DccpConfig(service_code=service_code, **(conn_options or {}))
+            cfg = _conn_config(service_code, conn_options)
             self.conn = dc.DccpConnection.client(sport=self.local_port, dport=remote[1],
                                                  config=cfg)
             self.ep = DccpEndpoint(self.conn, self.sock, local_ip, remote[0], self.loop,
@@ -420,8 +434,7 @@ class DccpServer:
         self.loop = loop
         self.on_datagram = on_datagram
         self.conn_options = conn_options or {}
-        self.listener = dc.DccpListener(port, dc.DccpConfig(service_code=service_code,
-                                                            **self.conn_options))
+        self.listener = dc.DccpListener(port, _conn_config(service_code, self.conn_options))
         self.connections: dict[tuple[str, int], DccpEndpoint] = {}
         # DCCP-UDP: key -> (local address, peer's DCCP port, our DCCP port), the rest of
         # the active 6-tuple (RFC 6773 §3.8)
