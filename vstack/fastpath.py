@@ -42,9 +42,6 @@ from vstack.analysis.flowkey import FlowKey
 from vstack.datapath import (
     GSO_BYTES,
     MAX_SEGMENTS,
-    PAUSE_S,
-    QUICK_WAKEUP_S,
-    SMALL_WAKEUP,
     Datapath,
     _fast_key,
 )
@@ -139,7 +136,7 @@ class OffloadDatapath(Datapath):
         gso6 = self._gso6
         batch = self._batch
         tap = self.tap
-        n = fast = batched = supers = 0
+        n = fast = supers = 0
         pend: list[memoryview] = []
         pend_f: Callable[[list[memoryview]], None] | None = None
         pend_len = pend_max = 0
@@ -179,9 +176,7 @@ class OffloadDatapath(Datapath):
                         if 0 < gs < plen:
                             if pend_f is not None:
                                 flush, pend_f = pend_f, None
-                                if len(pend) > 1:
-                                    batched += 1
-                                flush(pend)
+                                self._flush_pending(flush, pend)
                             mv = memoryview(buf)
                             supers += 1
                             count = -(-plen // gs)
@@ -204,9 +199,7 @@ class OffloadDatapath(Datapath):
                         continue
                     if pend_f is not None:
                         flush, pend_f = pend_f, None
-                        if len(pend) > 1:
-                            batched += 1
-                        flush(pend)
+                        self._flush_pending(flush, pend)
                     pend = [memoryview(buf)[off:]]
                     pend_f = f
                     pend_len = plen
@@ -214,35 +207,15 @@ class OffloadDatapath(Datapath):
                     continue
                 if pend_f is not None:
                     flush, pend_f = pend_f, None
-                    if len(pend) > 1:
-                        batched += 1
-                    flush(pend)
+                    self._flush_pending(flush, pend)
                 self._slow_vnet(buf)
             except IndexError:
                 self.malformed += 1
             except Exception as e:
                 self._count_error(e)
-        if pend_f is not None:
-            if len(pend) > 1:
-                batched += 1
-            try:
-                pend_f(pend)
-            except Exception as e:
-                self._count_error(e)
-        self.rx_packets += n
-        self.fast_packets += fast
-        self.batched += batched
         self.super_packets += supers
-        # the same NAPI-like pause as Datapath: quick wakeups that find a packet or two
-        if n <= SMALL_WAKEUP and self._loop is not None:
-            now = time.monotonic()
-            quick = now - self._last_wakeup < QUICK_WAKEUP_S
-            self._last_wakeup = now
-            if quick and not self._paused:
-                self._paused = True
-                self._loop.remove_reader(fd)
-                self._loop.call_later(PAUSE_S, self._resume)
-                self.pauses += 1
+        # as Datapath: the last run, the counters, the NAPI-like pause
+        self._end_wakeup(n, fast, pend_f, pend)
 
     def _slow_vnet(self, buf: bytes) -> None:
         try:
