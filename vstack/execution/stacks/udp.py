@@ -34,11 +34,15 @@ class UdpStack(Stack):
 
     _sock: socket.socket | None = None
     errors: int = 0
+    ipproto = 0  # the socket's protocol (UDP-Lite: IPPROTO_UDPLITE)
+    udp_gso = True  # UDP_SEGMENT sends and UDP_GRO receives (UDP-Lite: no)
 
     def open(self) -> None:
+        if self._sock is not None:
+            return
         ctx = self.ctx
         fam = socket.AF_INET if ctx.family == 4 else socket.AF_INET6
-        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s = socket.socket(fam, socket.SOCK_DGRAM, self.ipproto)
         try:
             s.setblocking(False)
             if ctx.fwmark:
@@ -51,6 +55,7 @@ class UdpStack(Stack):
             dscp = ctx.options.get("dscp")
             if dscp is not None:
                 self._set_tos(s, int(dscp))
+            self._configure(s)
             s.connect(ctx.target)
         except OSError:
             s.close()
@@ -58,10 +63,10 @@ class UdpStack(Stack):
         self._sock = s
         self._send = s.send
         self._sendmsg = s.sendmsg
-        self.gso = True
+        self.gso = self.udp_gso
         self._recv = s.recv
         reader = self._readable
-        if ctx.options.get("gro") and ctx.deliver_gso is not None:
+        if self.udp_gso and ctx.options.get("gro") and ctx.deliver_gso is not None:
             try:
                 s.setsockopt(SOL_UDP, UDP_GRO, 1)
                 self._recvmsg = s.recvmsg
@@ -69,6 +74,9 @@ class UdpStack(Stack):
             except OSError as e:
                 log.warning("UDP_GRO refused (%s): receiving datagrams one by one", e.strerror)
         ctx.loop.add_reader(s.fileno(), reader)
+
+    def _configure(self, s: socket.socket) -> None:
+        """Protocol socket options, set before ``connect`` (UDP: none)."""
 
     def _set_tos(self, s: socket.socket, dscp: int) -> None:
         if self.ctx.family == 4:

@@ -19,19 +19,21 @@ Options (``ctx.options``, from config ``[stacks.udplite]`` or a decision):
 
 Both coverages take 0 or 8..65535. Everything else - connected non-blocking socket,
 SO_MARK, SO_BINDTODEVICE, batch draining with ``add_reader``, drops on EAGAIN, ``retarget``
-in place, DSCP - is the UDP stack's code, inherited.
+in place, DSCP - is the UDP stack's code, inherited (``open`` with this socket protocol and
+the coverages set before ``connect``). Runs of datagrams (``send_many``/``send_gso``) go
+out one ``send`` each: the kernel refuses ``UDP_SEGMENT`` on UDP-Lite (EIO), so UDP GSO
+and GRO stay off.
 """
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from collections.abc import Mapping
 from typing import Any
 
 from vstack.execution.stacks.base import register_stack
-from vstack.execution.stacks.tcp import check_dscp, configure_egress, option_error
-from vstack.execution.stacks.udp import BUF_SIZE, UdpStack
+from vstack.execution.stacks.tcp import check_dscp, option_error
+from vstack.execution.stacks.udp import UdpStack
 
 IPPROTO_UDPLITE = getattr(socket, "IPPROTO_UDPLITE", 136)
 UDPLITE_SEND_CSCOV = getattr(socket, "UDPLITE_SEND_CSCOV", 10)
@@ -60,6 +62,8 @@ def set_cscov(s: socket.socket, send: int, recv: int) -> None:
 @register_stack
 class UdpLiteStack(UdpStack):
     name = "udplite"
+    ipproto = IPPROTO_UDPLITE
+    udp_gso = False  # the kernel refuses UDP_SEGMENT on UDP-Lite (EIO): one send each
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -78,27 +82,6 @@ class UdpLiteStack(UdpStack):
         o = self.check_options(ctx.options)
         self.send_cscov: int = o["send_cscov"]
         self.recv_cscov: int = o["recv_cscov"]
-        self._dscp: int | None = o["dscp"]
 
-    def open(self) -> None:
-        """Like ``UdpStack.open``, on an IPPROTO_UDPLITE socket with the coverages set;
-        then the UDP stack's send/receive path takes over (the attributes it reads)."""
-        if self._sock is not None:
-            return
-        ctx = self.ctx
-        fam = socket.AF_INET if ctx.family == 4 else socket.AF_INET6
-        s = socket.socket(fam, socket.SOCK_DGRAM, IPPROTO_UDPLITE)
-        try:
-            configure_egress(s, ctx, self._dscp)
-            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                with contextlib.suppress(OSError):
-                    s.setsockopt(socket.SOL_SOCKET, opt, BUF_SIZE)
-            set_cscov(s, self.send_cscov, self.recv_cscov)
-            s.connect(ctx.target)
-        except OSError:
-            s.close()
-            raise
-        self._sock = s
-        self._send = s.send
-        self._recv = s.recv
-        ctx.loop.add_reader(s.fileno(), self._readable)
+    def _configure(self, s: socket.socket) -> None:
+        set_cscov(s, self.send_cscov, self.recv_cscov)
