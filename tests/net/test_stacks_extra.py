@@ -384,6 +384,33 @@ def test_udplite_runs_and_super_packets_all_received() -> None:
     run(main())
 
 
+def test_udp_gso_refused_falls_back_one_by_one() -> None:
+    """A socket that refuses UDP_SEGMENT (SO_NO_CHECK: EINVAL): the first GSO send turns
+    GSO off and resends one by one; later runs go one by one; nothing lost, no errors."""
+    async def main() -> None:
+        r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        r.bind(("127.0.0.1", 0))
+        r.settimeout(5)
+        h = Harness("udp", 4, r.getsockname())
+        st = h.stack
+        st.open()
+        st._sock.setsockopt(socket.SOL_SOCKET, 11, 1)  # type: ignore[attr-defined]
+        st.send_many([memoryview(b"a" * 100)] * 3)  # type: ignore[attr-defined]
+        assert st.gso is False  # type: ignore[attr-defined]
+        st.send_gso(memoryview(b"b" * 250), 100)  # type: ignore[attr-defined]
+        st.gso = True  # type: ignore[attr-defined]
+        st.send_gso(memoryview(b"c" * 200), 100)  # type: ignore[attr-defined]
+        got = [r.recv(65535) for _ in range(8)]
+        assert got == [b"a" * 100] * 3 + [b"b" * 100] * 2 + [b"b" * 50] + [b"c" * 100] * 2
+        m = st.metrics
+        assert (m.packets_out, m.bytes_out, m.drops) == (8, 750, 0)
+        assert h.errors == [] and st.gso is False  # type: ignore[attr-defined]
+        st.close()
+        r.close()
+
+    run(main())
+
+
 def test_bad_options_name_the_key() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()

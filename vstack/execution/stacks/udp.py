@@ -119,14 +119,9 @@ class UdpStack(Stack):
             self.metrics.drops += n
             return
         except OSError as e:
-            if e.errno in _GSO_FAILED:
-                self.gso = False
-                log.warning("UDP GSO refused towards %s (%s): sending datagrams one by one",
-                            self.ctx.target, e.strerror)
+            if self._gso_refused(e):
                 for p in payloads:
                     self.send(p)
-                return
-            self._error(e)
             return
         m = self.metrics
         m.packets_out += n
@@ -147,17 +142,24 @@ class UdpStack(Stack):
             self.metrics.drops += count
             return
         except OSError as e:
-            if e.errno in _GSO_FAILED:
-                self.gso = False
-                log.warning("UDP GSO refused towards %s (%s): sending datagrams one by one",
-                            self.ctx.target, e.strerror)
+            if self._gso_refused(e):
                 self.send_many([payload[i:i + seg] for i in range(0, n, seg)])
-                return
-            self._error(e)
             return
         m = self.metrics
         m.packets_out += count
         m.bytes_out += n
+
+    def _gso_refused(self, e: OSError) -> bool:
+        """A GSO ``sendmsg`` failed with ``e``. True where the kernel or the route refuses
+        GSO: it is off from now on (logged once) and the caller sends one by one;
+        otherwise the error is counted and reported (False)."""
+        if e.errno in _GSO_FAILED:
+            self.gso = False
+            log.warning("UDP GSO refused towards %s (%s): sending datagrams one by one",
+                        self.ctx.target, e.strerror)
+            return True
+        self._error(e)
+        return False
 
     def _error(self, e: OSError) -> None:
         self.errors += 1
