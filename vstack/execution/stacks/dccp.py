@@ -12,7 +12,9 @@ Options (``ctx.options``): ``service_code`` (default 0x44434350, "DCCP"), ``tran
 ("raw": IP protocol 33, "udp": DCCP-UDP, RFC 6773), ``udp_port`` (DCCP-UDP: the UDP port
 the target listens on, default the same number as its DCCP port; the target's port stays
 the DCCP port inside the encapsulation, and each stack has its own UDP source port),
-``queue``, ``conn`` (extra keyword arguments for the connection).
+``queue``, ``conn`` (extra keyword arguments for the connection; its
+``sequence_window`` defaults to the endpoint's 1000, not RFC 4340's 100:
+:data:`~vstack.dccp.endpoint.ENDPOINT_SEQUENCE_WINDOW`, since CCID2's cwnd is capped at W/5).
 
 ``open`` raises (``TransportError``/``OSError``/``ValueError``) when the connection cannot
 even start (no socket, bad options): the engine turns that into ``EngineError`` and the flow
