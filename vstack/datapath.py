@@ -176,7 +176,7 @@ class Datapath:
         fast6 = self._fast6
         batch = self._batch
         tap = self.tap
-        n = fast = 0
+        n = fast = batched = 0
         # consecutive fast-path datagrams of one flow and one size are handed to the stack
         # together (UDP: one sendmsg with UDP_SEGMENT); anything else flushes them first,
         # so the order within a flow is kept
@@ -215,7 +215,9 @@ class Datapath:
                         continue
                     if pend_f is not None:
                         flush, pend_f = pend_f, None
-                        self._flush_pending(flush, pend)
+                        if len(pend) > 1:
+                            batched += 1
+                        flush(pend)
                     pend = [memoryview(pkt)[off:]]
                     pend_f = f
                     pend_len = plen
@@ -223,35 +225,33 @@ class Datapath:
                     continue
                 if pend_f is not None:
                     flush, pend_f = pend_f, None
-                    self._flush_pending(flush, pend)
+                    if len(pend) > 1:
+                        batched += 1
+                    flush(pend)
                 self._slow(pkt)
             except IndexError:  # shorter than the header the fast path looked at
                 self.malformed += 1
             except Exception as e:  # nothing from the TUN may crash the datapath
                 self._count_error(e)
-        self._end_wakeup(n, fast, pend_f, pend)
+        self._end_wakeup(n, fast, batched, pend_f, pend)
 
-    def _flush_pending(self, f: Callable[[list[memoryview]], None],
-                       pend: list[memoryview]) -> None:
-        """Hand a run of equal-size datagrams of one flow to its stack (once per run, not
-        per packet). The caller clears its ``pend_f`` first, so a run whose send raised
-        is not sent again."""
-        if len(pend) > 1:
-            self.batched += 1
-        f(pend)
-
-    def _end_wakeup(self, n: int, fast: int,
+    def _end_wakeup(self, n: int, fast: int, batched: int,
                     pend_f: Callable[[list[memoryview]], None] | None,
                     pend: list[memoryview]) -> None:
-        """After a wakeup's reads (once per wakeup): send the last pending run, count, and
-        maybe pause reading."""
+        """The end of a wakeup of either TUN reader (this one and ``OffloadDatapath``'s),
+        once per wakeup: send the last pending run, add the counters, maybe pause reading.
+        (The flush inside the readers' loops stays inline: with interleaved flows it runs
+        for every packet.)"""
         if pend_f is not None:
+            if len(pend) > 1:
+                batched += 1
             try:
-                self._flush_pending(pend_f, pend)
+                pend_f(pend)
             except Exception as e:
                 self._count_error(e)
         self.rx_packets += n
         self.fast_packets += fast
+        self.batched += batched
         # NAPI-like mitigation: wakeups that find only a packet or two, coming in quick
         # succession, cost more in epoll + loop dispatch than in packet work. Then pause
         # reading for one loop tick (~1 ms; the TUN queue holds 4096 packets) so the next

@@ -136,7 +136,7 @@ class OffloadDatapath(Datapath):
         gso6 = self._gso6
         batch = self._batch
         tap = self.tap
-        n = fast = supers = 0
+        n = fast = batched = supers = 0
         pend: list[memoryview] = []
         pend_f: Callable[[list[memoryview]], None] | None = None
         pend_len = pend_max = 0
@@ -176,7 +176,9 @@ class OffloadDatapath(Datapath):
                         if 0 < gs < plen:
                             if pend_f is not None:
                                 flush, pend_f = pend_f, None
-                                self._flush_pending(flush, pend)
+                                if len(pend) > 1:
+                                    batched += 1
+                                flush(pend)
                             mv = memoryview(buf)
                             supers += 1
                             count = -(-plen // gs)
@@ -199,7 +201,9 @@ class OffloadDatapath(Datapath):
                         continue
                     if pend_f is not None:
                         flush, pend_f = pend_f, None
-                        self._flush_pending(flush, pend)
+                        if len(pend) > 1:
+                            batched += 1
+                        flush(pend)
                     pend = [memoryview(buf)[off:]]
                     pend_f = f
                     pend_len = plen
@@ -207,7 +211,9 @@ class OffloadDatapath(Datapath):
                     continue
                 if pend_f is not None:
                     flush, pend_f = pend_f, None
-                    self._flush_pending(flush, pend)
+                    if len(pend) > 1:
+                        batched += 1
+                    flush(pend)
                 self._slow_vnet(buf)
             except IndexError:
                 self.malformed += 1
@@ -215,7 +221,7 @@ class OffloadDatapath(Datapath):
                 self._count_error(e)
         self.super_packets += supers
         # as Datapath: the last run, the counters, the NAPI-like pause
-        self._end_wakeup(n, fast, pend_f, pend)
+        self._end_wakeup(n, fast, batched, pend_f, pend)
 
     def _slow_vnet(self, buf: bytes) -> None:
         try:
