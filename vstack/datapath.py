@@ -441,11 +441,7 @@ class Datapath:
         ev = Event("stack.error", now, {**self._flow_fields(e), "failed_stack": err.stack,
                                         "reason": err.reason, "remote": err.remote,
                                         "fatal": fatal}, e.key)
-        try:
-            self.sink.event(ev)
-        except Exception as x:
-            self._count_error(x)
-        self._emit(ev)
+        self._publish(ev)
 
     # ------------------------------------------------------------------ fast-path tables
     def _register(self, e: StackEngine) -> None:
@@ -539,11 +535,16 @@ class Datapath:
                          " drops %d", key, idle, po, bo, pi, bi, dr)
             e.close()
             self._unregister(key)
-            try:
-                self.sink.event(ev)
-            except Exception as err:
-                self._count_error(err)
-            self._emit(ev)
+            self._publish(ev)
+
+    def _publish(self, ev: Event) -> None:
+        """An event for the log (``sink.event``; a failing sink is counted) and the
+        listeners."""
+        try:
+            self.sink.event(ev)
+        except Exception as err:
+            self._count_error(err)
+        self._emit(ev)
 
     def _emit(self, ev: Event) -> None:
         for cb in list(self.metrics_listeners):
