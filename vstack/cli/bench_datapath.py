@@ -26,11 +26,13 @@ machine's two cores.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,36 +108,43 @@ def _sink_counter(tb: Any) -> tuple[int, int]:
     return total, 0
 
 
-def _one_run(tb: Any, mode: str, seconds: float, fwmark: int, daemon_pid: int,
-             dst: str) -> dict[str, float]:
-    import os
-
+def _measure(tb: Any, argv: list[str], seconds: float, ticks: Callable[[], int], size: int,
+             vstack: bool) -> dict[str, float]:
+    """Run the generator ``argv`` (it prints one JSON line) in the edge netns; count what
+    reached the sink and the CPU ticks ``ticks()`` (vstack's) over the run. Shared by
+    ``bench throughput`` and its issue 6 variants (``bench_speed``)."""
     clk = os.sysconf("SC_CLK_TCK")
     p0, _ = _sink_counter(tb)
-    c0 = _cpu_ticks(daemon_pid)
+    c0 = ticks()
     t0 = time.monotonic()
-    g = tb.run(tb.edge, [sys.executable, "-c", GENERATOR, dst, str(SINK_PORT), str(seconds),
-                         str(fwmark if mode == "direct" else 0), str(PAYLOAD)],
-               timeout=seconds + 60)
+    g = tb.run(tb.edge, argv, timeout=seconds + 60)
     time.sleep(0.3)  # let the last packets drain through vstack
     wall = time.monotonic() - t0
-    c1 = _cpu_ticks(daemon_pid)
+    c1 = ticks()
     p1, _ = _sink_counter(tb)
     gen = json.loads(g.stdout.strip().splitlines()[-1])
     got = p1 - p0
     el = gen["elapsed"]
     return {
-        "gbps": got * PAYLOAD * 8 / el / 1e9,
+        "gbps": got * size * 8 / el / 1e9,
         "pps": got / el,
         "sent": gen["sent"],
         "received": got,
         "loss": max(0.0, 1 - got / gen["sent"]) if gen["sent"] else 0.0,
-        "cpu": (c1 - c0) / clk / wall * 100 if mode == "vstack" else 0.0,
+        "cpu": (c1 - c0) / clk / wall * 100 if vstack else 0.0,
+        "gen_cpu": gen["cpu_s"] / el * 100,
         # CPU time per datagram delivered: vstack's own (vstack runs), the generator's
         # (direct runs: its send does the whole kernel path, receiver included)
-        "us_per_pkt": ((c1 - c0) / clk if mode == "vstack" else gen["cpu_s"]) / max(got, 1)
-        * 1e6,
+        "us_per_pkt": ((c1 - c0) / clk if vstack else gen["cpu_s"]) / max(got, 1) * 1e6,
     }
+
+
+def _one_run(tb: Any, mode: str, seconds: float, fwmark: int, daemon_pid: int,
+             dst: str) -> dict[str, float]:
+    argv = [sys.executable, "-c", GENERATOR, dst, str(SINK_PORT), str(seconds),
+            str(fwmark if mode == "direct" else 0), str(PAYLOAD)]
+    return _measure(tb, argv, seconds, lambda: _cpu_ticks(daemon_pid), PAYLOAD,
+                    mode != "direct")
 
 
 @bench_app.command("throughput")

@@ -117,33 +117,12 @@ def _config(name: str, stack: str, workers: int, nice: int, dst: str, offload: b
 
 def _one(tb: Any, mode: str, seconds: float, daemon_pid: int, dst: str, size: int,
          gso: bool, flows: int) -> dict[str, float]:
-    from vstack.cli.bench_datapath import _sink_counter
+    from vstack.cli.bench_datapath import _measure
 
-    clk = os.sysconf("SC_CLK_TCK")
-    p0, _ = _sink_counter(tb)
-    c0 = _tree_ticks(daemon_pid)
-    t0 = time.monotonic()
-    g = tb.run(tb.edge, [sys.executable, "-c", GENERATOR, dst, str(SINK_PORT), str(seconds),
-                         str(0x5654 if mode == "direct" else 0), str(size), str(int(gso)),
-                         str(flows)], timeout=seconds + 60)
-    time.sleep(0.3)  # let the last packets drain through vstack
-    wall = time.monotonic() - t0
-    c1 = _tree_ticks(daemon_pid)
-    p1, _ = _sink_counter(tb)
-    gen = json.loads(g.stdout.strip().splitlines()[-1])
-    got = p1 - p0
-    el = gen["elapsed"]
-    vs = mode != "direct"
-    return {
-        "gbps": got * size * 8 / el / 1e9,
-        "pps": got / el,
-        "sent": gen["sent"],
-        "received": got,
-        "loss": max(0.0, 1 - got / gen["sent"]) if gen["sent"] else 0.0,
-        "cpu": (c1 - c0) / clk / wall * 100 if vs else 0.0,
-        "gen_cpu": gen["cpu_s"] / el * 100,
-        "us_per_pkt": ((c1 - c0) / clk if vs else gen["cpu_s"]) / max(got, 1) * 1e6,
-    }
+    argv = [sys.executable, "-c", GENERATOR, dst, str(SINK_PORT), str(seconds),
+            str(0x5654 if mode == "direct" else 0), str(size), str(int(gso)), str(flows)]
+    return _measure(tb, argv, seconds, lambda: _tree_ticks(daemon_pid), size,
+                    mode != "direct")
 
 
 def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice: int,
