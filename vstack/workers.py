@@ -140,7 +140,7 @@ def _child_setup(wid: int) -> None:
 
 
 async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int) -> int:
-    from vstack.cli.daemon import load_config
+    from vstack.cli.daemon import reload_config
     from vstack.datapath import Datapath
 
     loop = asyncio.get_running_loop()
@@ -173,17 +173,8 @@ async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int) -> in
     dp.on_failure = lambda _msg: stop.set()
 
     def reload() -> None:
-        if config_path is None:
-            return
-        try:
-            new = load_config(config_path, None)
-        except ConfigError as e:
-            log.error("SIGHUP: configuration not reloaded: %s", e)
-            return
-        new.vnic.queues = cfg.vnic.queues  # --workers is not in the file
-        dp.reload(new)
-        if driver is not None:
-            driver.reload()
+        if config_path is not None:
+            reload_config(config_path, cfg, dp, driver, log)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

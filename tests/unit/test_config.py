@@ -140,3 +140,35 @@ def test_endpoint_garbage_is_config_error(text: str) -> None:
         parse_endpoint(text, "x")
     except ConfigError as e:
         assert str(e).startswith("x:")
+
+
+class _Reloads:
+    """Records what ``reload_config`` applies (the datapath and the rule driver)."""
+
+    def __init__(self) -> None:
+        self.configs: list[Config] = []
+        self.driver_reloads = 0
+
+    def reload(self, config: Config | None = None) -> None:
+        if config is None:
+            self.driver_reloads += 1
+        else:
+            self.configs.append(config)
+
+
+def test_reload_config_applies_the_file_and_keeps_the_queue_count(tmp_path,
+                                                                   caplog) -> None:
+    from vstack.cli.daemon import reload_config
+
+    path = tmp_path / "v.toml"
+    path.write_text('[execution]\ndefault_stack = "raw"\n')
+    running = Config()
+    running.vnic.queues = 4  # from --workers, not in the file
+    dp, driver = _Reloads(), _Reloads()
+    new = reload_config(path, running, dp, driver)
+    assert new is not None and dp.configs == [new] and driver.driver_reloads == 1
+    assert new.execution.default_stack == "raw" and new.vnic.queues == 4
+    # a file that does not load changes nothing and says why
+    path.write_text('[execution]\ndefault_stack = "nosuch"\n')
+    assert reload_config(path, running, dp, None) is None
+    assert dp.configs == [new] and "not reloaded" in caplog.text

@@ -58,6 +58,24 @@ def load_config(path: Path | None, stack: str | None) -> Config:
     return cfg
 
 
+def reload_config(config_path: Path, cfg: Config, dp: Any, driver: Any,
+                  logger: logging.Logger = log) -> Config | None:
+    """SIGHUP (the daemon and each worker): load ``config_path`` again and apply it to the
+    datapath ``dp`` and the rule ``driver`` (None: no rules). The running queue count is
+    kept (``--workers`` is not in the file). None if the file does not load (logged,
+    nothing changes)."""
+    try:
+        new = load_config(config_path, None)
+    except ConfigError as e:
+        logger.error("SIGHUP: configuration not reloaded: %s", e)
+        return None
+    new.vnic.queues = cfg.vnic.queues  # --workers is not in the file
+    dp.reload(new)
+    if driver is not None:
+        driver.reload()
+    return new
+
+
 def serve(cfg: Config, config_path: Path | None = None) -> int:
     """Set up the VNIC, run the daemon until SIGTERM/SIGINT, tear down. Returns the exit
     status. (pyroute2's synchronous API must run outside the asyncio loop.)"""
@@ -174,15 +192,9 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
             if config_path is None:
                 log.info("SIGHUP: no configuration file to reload")
                 return
-            try:
-                new = load_config(config_path, None)
-            except ConfigError as e:
-                log.error("SIGHUP: configuration not reloaded: %s", e)
+            new = reload_config(config_path, cfg, dp, driver)
+            if new is None:
                 return
-            new.vnic.queues = cfg.vnic.queues  # --workers is not in the file
-            dp.reload(new)
-            if driver is not None:
-                driver.reload()
             if _WORKERS is not None:
                 _WORKERS.signal(signal.SIGHUP)
             try:
