@@ -25,8 +25,10 @@ out of the reader (every packet's handling is guarded and errors are counted).
 ``Datapath`` also implements ``Actuator`` (switch, use_interface, retarget, set_dscp, drop,
 flows) for the decision engine, management and the control socket.
 
-Issue 6 hooks: the reader is one function over one fd (a worker per TUN queue can run one
-Datapath each); the fast path's send function is where a GSO ``sendmsg`` will plug in.
+With TUN offloads, ``vstack.fastpath.OffloadDatapath`` overrides only step 1-2 (the
+reader: virtio_net_hdr, USO super-packets sent with one GSO ``sendmsg``); with
+``--workers N`` each worker process runs one datapath on its own TUN queue
+(``vstack.workers``).
 """
 
 from __future__ import annotations
