@@ -37,19 +37,21 @@ from vstack.dccp.options import (
     ChangeR,
     ConfirmL,
     ConfirmR,
+    Feature,
     FeatureOption,
     Mandatory,
     Option,
     Padding,
 )
 
-CCID = 1
-ALLOW_SHORT_SEQNOS = 2
-SEQUENCE_WINDOW = 3
-ECN_INCAPABLE = 4
-ACK_RATIO = 5
-SEND_ACK_VECTOR = 6
-SEND_NDP_COUNT = 7
+# the feature numbers of RFC 4340 §6 (table 4), named once in options.Feature
+CCID = Feature.CCID
+ALLOW_SHORT_SEQNOS = Feature.ALLOW_SHORT_SEQNOS
+SEQUENCE_WINDOW = Feature.SEQUENCE_WINDOW
+ECN_INCAPABLE = Feature.ECN_INCAPABLE
+ACK_RATIO = Feature.ACK_RATIO
+SEND_ACK_VECTOR = Feature.SEND_ACK_VECTOR
+SEND_NDP_COUNT = Feature.SEND_NDP_COUNT
 
 RESET_MANDATORY_ERROR = 6
 RESET_OPTION_ERROR = 5
