@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_engine_stack_cache import Bed, _until
+from tests.aio import until as _until
+from tests.unit.test_engine_stack_cache import Bed
 from vstack.execution import engine as engine_mod
 
 

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.aio import Echo
 from vstack.analysis.flowkey import FlowKey
 from vstack.analysis.packet import build_tcp, build_udp, parse, verify_l4_checksum
 from vstack.config import Config
@@ -24,19 +25,6 @@ from vstack.execution.engine import EngineError
 from vstack.execution.selector import Decision
 
 APP4, APP6 = "10.0.0.1", "fd00::1"
-
-
-class Echo(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.seen: list[bytes] = []
-        self.transport: Any = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.seen.append(data)
-        self.transport.sendto(data, addr)
 
 
 class Harness:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.aio import until as _until
 from vstack.dccp import endpoint as dep
 from vstack.dccp.endpoint import DccpClient, DccpServer, port_slice, set_port_slice
 from vstack.dccp.transport import TransportError, open_socket
@@ -29,14 +30,6 @@ def _port() -> int:
 def _ctx(loop: asyncio.AbstractEventLoop, port: int, errors: list[StackError]) -> StackContext:
     return StackContext(loop=loop, family=4, target=("127.0.0.1", port), deliver=lambda _d: None,
                         on_error=errors.append, options={"transport": "udp"})
-
-
-async def _until(cond: Any, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def _closed(c: DccpClient) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.aio import until as _until
 from vstack.dccp.ccid2 import Ccid2Config
 from vstack.dccp.endpoint import DccpClient, DccpServer
 from vstack.dccp.packet import DccpPacket, PacketType, ResetCode, decode, encode
@@ -29,14 +30,6 @@ def _ctx(loop: asyncio.AbstractEventLoop, port: int, got: list[bytes],
     opts: dict[str, Any] = {"transport": "udp", **options}
     return StackContext(loop=loop, family=4, target=("127.0.0.1", port), deliver=got.append,
                         on_error=errors.append, options=opts)
-
-
-async def _until(cond: Any, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def test_registered() -> None:

@@ -9,6 +9,7 @@ import asyncio
 import socket
 from typing import Any
 
+from tests.aio import Echo, until
 from vstack.analysis.flowkey import FlowKey
 from vstack.analysis.packet import build_udp, parse
 from vstack.config import Config
@@ -21,25 +22,8 @@ from vstack.decision.parser import parse_rules
 APP = "10.0.0.1"
 
 
-class Echo(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.seen: list[bytes] = []
-        self.transport: Any = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.seen.append(data)
-        self.transport.sendto(data, addr)
-
-
-async def _until(cond: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond() and loop.time() < deadline:
-        await asyncio.sleep(0.005)
-    assert cond()
+async def _until(cond: Any) -> None:
+    await until(cond, timeout=5.0)
 
 
 def test_rule_switches_back_a_flow_moved_by_vstack_switch() -> None:

@@ -13,6 +13,8 @@ import socket
 import struct
 from typing import Any
 
+from tests.aio import Echo
+from tests.aio import until as _until
 from vstack.analysis.flowkey import FlowKey
 from vstack.analysis.packet import build_ipv4, build_ipv6, build_udp, parse
 from vstack.config import Config, Target
@@ -29,31 +31,10 @@ APP = "10.0.0.1"
 LO = "127.0.0.1"
 
 
-class Echo(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.seen: list[bytes] = []
-        self.transport: Any = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.seen.append(data)
-        self.transport.sendto(data, addr)
-
-
 def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((LO, 0))
         return int(s.getsockname()[1])
-
-
-async def _until(cond: Any, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 class Bed:
