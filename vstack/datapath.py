@@ -581,41 +581,40 @@ class Datapath:
             flowlog.info("flow %s switched %s -> %s (target %s, rule %s)", flow, old, stack,
                          _fmt_target(e.target), rule or "-")
 
-    def use_interface(self, flow: FlowKey, ifname: str, *, rule: str | None = None) -> None:
+    def _replace(self, flow: FlowKey, attr: str, value: Any, decision: Decision,
+                 rule: str | None) -> StackEngine:
+        """Set one of the flow's placement attributes (``interface``, ``target_override``)
+        and rebuild its active stack on it; if that fails the flow keeps the old value."""
         e = self._engine(flow)
-        old = e.interface
-        e.interface = ifname or None
+        old = getattr(e, attr)
+        setattr(e, attr, value)
         try:
             e.reactivate()
         except EngineError:
-            e.interface = old
+            setattr(e, attr, old)
             raise
         if rule is not None:
             e.rule = rule
         self._register(e)
-        self._log_decision(flow, Decision(interface=ifname, rule=rule))
+        self._log_decision(flow, decision)
+        return e
+
+    def use_interface(self, flow: FlowKey, ifname: str, *, rule: str | None = None) -> None:
+        self._replace(flow, "interface", ifname or None, Decision(interface=ifname, rule=rule),
+                      rule)
         flowlog.info("flow %s moved to interface %s (rule %s)", flow, ifname or "-", rule or "-")
 
     def retarget(self, flow: FlowKey, address: str, port: int | None,
                  *, rule: str | None = None) -> None:
-        e = self._engine(flow)
+        self._engine(flow)  # FlowNotFound before any complaint about the address
         try:
             addr = str(ipaddress.ip_address(address))
         except ValueError:
             raise ValueError(f"retarget {flow}: not an IP address: {address!r}") from None
         if (":" in addr) != (flow.family == 6):
             raise ValueError(f"retarget {flow}: {addr} is not an IPv{flow.family} address")
-        old_override = e.target_override
-        e.target_override = (addr, port)
-        try:
-            e.reactivate()
-        except EngineError:
-            e.target_override = old_override
-            raise
-        if rule is not None:
-            e.rule = rule
-        self._register(e)
-        self._log_decision(flow, Decision(target=(addr, port), rule=rule))
+        e = self._replace(flow, "target_override", (addr, port),
+                          Decision(target=(addr, port), rule=rule), rule)
         flowlog.info("flow %s retargeted to %s (rule %s)", flow, _fmt_target(e.target),
                      rule or "-")
 
