@@ -17,7 +17,7 @@ Example::
     table = 22100               # routing table holding the routes via the TUN
     rule_priority = 100         # fwmark rule at this priority, table rules at +1
     offload = true              # IFF_VNET_HDR + TUNSETOFFLOAD (CSUM/TSO/USO, GRO back)
-    queues = 1                  # TUN queues (IFF_MULTI_QUEUE when > 1): one per worker
+    queues = 0                  # TUN queues, one worker process each (0: one per core)
 
     [execution]
     default_stack = "udp"
@@ -64,7 +64,9 @@ class VnicConfig:
     # issue 6: virtio_net_hdr + TUN offloads (super-packets in, GSO super-packets back);
     # refused offloads fall back to fewer / none by themselves
     offload: bool = True
-    queues: int = 1  # > 1: IFF_MULTI_QUEUE, one queue per worker process (vstack run --workers)
+    # > 1: IFF_MULTI_QUEUE, one queue per worker process (vstack run --workers); 0: one per
+    # core, resolved by ``vstack run`` (anything else treats 0 as 1)
+    queues: int = 0
 
 
 @dataclass(slots=True)
@@ -241,8 +243,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"vnic.fwmark: must be 1..2^32-1, got {v.fwmark}")
     if not 1 <= v.table < 2**31 or v.table in (253, 254, 255):
         raise ConfigError(f"vnic.table: must be 1..2^31-1, not 253-255, got {v.table}")
-    if not 1 <= v.queues <= 256:
-        raise ConfigError(f"vnic.queues: must be 1..256, got {v.queues}")
+    if not 0 <= v.queues <= 256:
+        raise ConfigError(f"vnic.queues: must be 0..256 (0: one per core), got {v.queues}")
     if not 1 <= v.rule_priority < 32765:
         raise ConfigError(f"vnic.rule_priority: must be 1..32764, got {v.rule_priority}")
     e = cfg.execution
