@@ -254,8 +254,10 @@ class ControlServer:
             return _encode({"id": rid, "ok": True, "result": to_jsonable(result)})
         except Exception as e:
             self.errors += 1
-            log.warning("control %s failed: %s: %s", method, type(e).__name__, e)
-            return _encode(_error(rid, type(e).__name__, str(e)))
+            kind = getattr(e, "kind", None)  # a worker's error keeps its type (WorkerError)
+            kind = kind if isinstance(kind, str) and kind else type(e).__name__
+            log.warning("control %s failed: %s: %s", method, kind, e)
+            return _encode(_error(rid, kind, str(e)))
 
 
 def _error(rid: Any, kind: str, message: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,16 +206,143 @@ class Services:
     mgmt_handler: MinimalMgmtHandler | None = None
     monitor: Any = None  # vstack.monitor.NetlinkMonitor | None
     control: Any = None  # vstack.control.ControlServer | None
+    workers: list[Any] = field(default_factory=list)  # vstack.workers.WorkerLink, 1..N-1
     started: float = field(default_factory=time.time)
     _closed: bool = False
 
     # -- handlers for the control socket
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """This process's handlers; with ``workers``, the fan-out over all of them."""
+        h = self.local_handlers()
+        if self.workers:
+            h.update(flows=self.fan_flows, switch=self.fan_switch, why=self.fan_why,
+                     stats=self.fan_stats, rules_reload=self.fan_rules_reload)
+        return h
+
+    def local_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         from vstack.control import actuator_handlers
 
         h = actuator_handlers(self.datapath, log_dropped=self._log_dropped)
         h.update(why=self.why, rules_reload=self.rules_reload, stats=self.stats)
         return h
+
+    # -- events forwarded by the parent (a worker's ``event`` link method)
+    def event(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A management or monitor event the parent accepted: to this worker's engine; with
+        no engine to the minimal handler, with ``owner_only`` only if the flow is here."""
+        from vstack.workers import event_from_json
+
+        ev = event_from_json(params)
+        if self.engine is not None:
+            self.engine.submit(ev, ev.time)
+            return {"submitted": True}
+        if params.get("owner_only") and ev.flow is not None and not _owns(self.datapath,
+                                                                          ev.flow):
+            return {"owner": False}
+        handler = self.mgmt_handler or MinimalMgmtHandler(self.datapath)
+        self.mgmt_handler = handler
+        before = handler.counters["applied"]
+        handler(ev)
+        return {"owner": True, "applied": handler.counters["applied"] > before}
+
+    def submit_everywhere(self, local: Callable[[Event], None]) -> Callable[[Event], None]:
+        """``local`` for this process, and the event forwarded to every worker's engine
+        (without an engine: to the worker that owns the flow, see ``_mgmt_to_owner``)."""
+        if not self.workers:
+            return local
+        if self.engine is None:
+            return lambda ev: self._mgmt_to_owner(local, ev)
+
+        def submit(ev: Event) -> None:
+            local(ev)
+            params = _event_params(ev)
+            for w in self.workers:
+                w.notify("event", params)
+
+        return submit
+
+    def _mgmt_to_owner(self, local: Callable[[Event], None], ev: Event) -> None:
+        if ev.flow is None or _owns(self.datapath, ev.flow):
+            local(ev)
+            return
+        task = asyncio.get_running_loop().create_task(self._owner_event(ev))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
+    async def _owner_event(self, ev: Event) -> None:
+        params = {**_event_params(ev), "owner_only": True}
+        answers = await self._ask_all("event", params)
+        handler = self.mgmt_handler
+        owned = [a for a in answers.values() if isinstance(a, dict) and a.get("owner")]
+        if handler is None:
+            return
+        if not owned:
+            failed = [f"worker {w}: {a}" for w, a in answers.items() if isinstance(a, Exception)]
+            handler.counters["errors"] += 1
+            log.warning("management %s failed: no flow %s on any worker%s", ev.type, ev.flow,
+                        f" ({'; '.join(failed)})" if failed else "")
+        elif owned[0].get("applied"):
+            handler.counters["applied"] += 1
+        else:
+            handler.counters["errors"] += 1
+
+    # -- fan-out over the workers (the parent, worker 0, with ``workers``)
+    async def _ask_all(self, method: str, params: dict[str, Any]) -> dict[int, Any]:
+        """Each worker's answer, or the exception it raised (``WorkerError`` /
+        ``WorkerUnavailable``), by worker id; the requests run concurrently."""
+        res = await asyncio.gather(*(w.request(method, params) for w in self.workers),
+                                   return_exceptions=True)
+        out: dict[int, Any] = {}
+        for w, r in zip(self.workers, res, strict=True):
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+            out[w.wid] = r
+        return out
+
+    async def fan_flows(self, params: dict[str, Any]) -> dict[str, Any]:
+        from vstack.control import actuator_handlers
+
+        local = actuator_handlers(self.datapath, self._log_dropped)["flows"](params)
+        return merge_flows({0: local, **await self._ask_all("flows", params)})
+
+    async def fan_switch(self, params: dict[str, Any]) -> dict[str, Any]:
+        from vstack.control import actuator_handlers
+
+        try:
+            return {**actuator_handlers(self.datapath)["switch"](params), "worker": 0}
+        except LookupError as e:
+            local_err: Exception = e
+        return pick_owner("switch", params, local_err, await self._ask_all("switch", params))
+
+    async def fan_why(self, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            out = self.why(params)
+        except UnknownFlow as e:
+            return pick_owner("why", params, e, await self._ask_all("why", params))
+        if not out["live"]:  # the flow may live on a worker now (this is old history)
+            answers = await self._ask_all("why", params)
+            for wid, a in sorted(answers.items()):
+                if isinstance(a, dict) and a.get("live"):
+                    return {**a, "worker": wid}
+        return {**out, "worker": 0}
+
+    async def fan_stats(self, params: dict[str, Any]) -> dict[str, Any]:
+        out = self.stats(params)
+        per: dict[int, Any] = {0: {k: out[k] for k in ("datapath", "engine", "log") if k in out}}
+        per.update(await self._ask_all("stats", params))
+        return merge_stats(out, per)
+
+    async def fan_rules_reload(self, params: dict[str, Any]) -> dict[str, Any]:
+        out = self.rules_reload(params)  # a bad file stops here: no worker is touched
+        answers = await self._ask_all("rules_reload", params)
+        failed = {w: a for w, a in answers.items() if isinstance(a, Exception)}
+        if failed:
+            raise RulesReloadError(
+                f"rules version {out['version']} loaded on worker 0, but not on "
+                + "; ".join(f"worker {w}: {e}" for w, e in sorted(failed.items())))
+        out["workers"] = {"0": out["version"],
+                          **{str(w): a.get("version") for w, a in sorted(answers.items())}}
+        return out
 
     def _log_dropped(self) -> int | None:
         d = getattr(self.sink, "dropped", None) if self.sink is not None else None
@@ -277,6 +404,9 @@ class Services:
         if self._closed:
             return
         self._closed = True
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                await w.close()
         if self.control is not None:
             try:
                 await self.control.close()
@@ -291,6 +421,108 @@ class Services:
         self.control = self.monitor = self.mgmt = None
 
 
+_BACKGROUND: set[asyncio.Task[None]] = set()  # owner look-ups of management events
+
+
+def _owns(datapath: Any, flow: FlowKey) -> bool:
+    info = getattr(datapath, "flow_info", None)
+    if info is not None:
+        return info(flow) is not None
+    return any(f.key == flow for f in datapath.flows())
+
+
+def _event_params(ev: Event) -> dict[str, Any]:
+    from vstack.workers import event_to_json
+
+    return event_to_json(ev)
+
+
+_NOT_FOUND = ("FlowNotFound", "UnknownFlow", "KeyError", "LookupError")
+
+
+def pick_owner(method: str, params: dict[str, Any], local_err: Exception,
+               answers: Mapping[int, Any]) -> dict[str, Any]:
+    """The answer of the worker that knows the flow (``switch``/``why``), tagged with its
+    id. A worker's other error (e.g. an unknown stack) is raised as it is; if no worker
+    knows the flow, ``local_err`` (worker 0's "no such flow"), naming the workers that did
+    not answer."""
+    from vstack.workers import WorkerError
+
+    for wid, a in sorted(answers.items()):
+        if isinstance(a, dict):
+            return {**a, "worker": wid}
+    for _wid, a in sorted(answers.items()):
+        if isinstance(a, WorkerError) and a.kind not in _NOT_FOUND:
+            raise a
+    down = [f"{a}" for _w, a in sorted(answers.items())
+            if isinstance(a, Exception) and not isinstance(a, WorkerError)]
+    if down:
+        raise type(local_err)(f"{local_err} on the workers that answered; "
+                              + "; ".join(down))
+    raise local_err
+
+
+def merge_flows(parts: Mapping[int, Any]) -> dict[str, Any]:
+    """``flows`` of every worker (a result dict, or the exception a worker raised) as one
+    list, each flow tagged ``worker``; unreachable workers under ``unavailable``."""
+    flows: list[dict[str, Any]] = []
+    dropped: int | None = None
+    unavailable: dict[str, str] = {}
+    for wid, part in sorted(parts.items()):
+        if isinstance(part, Exception):
+            unavailable[str(wid)] = str(part)
+            continue
+        for f in part.get("flows", []):
+            flows.append({**f, "worker": wid})
+        d = part.get("log_dropped")
+        if isinstance(d, int):
+            dropped = (dropped or 0) + d
+    out: dict[str, Any] = {"flows": flows, "workers": len(parts)}
+    if dropped is not None:
+        out["log_dropped"] = dropped
+    if unavailable:
+        out["unavailable"] = unavailable
+    return out
+
+
+def sum_counters(dicts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Key-wise sums of numeric values (nested dicts recursively); a non-numeric value is
+    kept if every dict agrees on it, else the list of the values."""
+    out: dict[str, Any] = {}
+    keys: list[str] = []
+    for d in dicts:
+        keys.extend(k for k in d if k not in keys)
+    for k in keys:
+        vals = [d[k] for d in dicts if k in d]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
+            out[k] = sum(vals)
+        elif all(isinstance(v, Mapping) for v in vals):
+            out[k] = sum_counters(vals)
+        elif all(v == vals[0] for v in vals):
+            out[k] = vals[0]
+        else:
+            out[k] = vals
+    return out
+
+
+def merge_stats(parent: Mapping[str, Any], per: Mapping[int, Any]) -> dict[str, Any]:
+    """``stats`` of the whole daemon: the parent's own (management, monitor, control),
+    ``datapath`` / ``engine`` / ``log`` summed over the workers that answered, and every
+    worker's under ``workers``; unreachable ones under ``unavailable``."""
+    ok = {w: s for w, s in per.items() if isinstance(s, Mapping)}
+    out = dict(parent)
+    for part in ("datapath", "engine", "log"):
+        vals = [s[part] for _w, s in sorted(ok.items()) if isinstance(s.get(part), Mapping)]
+        if vals:
+            out[part] = sum_counters(vals)
+    out["workers"] = {str(w): {k: s[k] for k in ("datapath", "engine", "log") if k in s}
+                      for w, s in sorted(ok.items())}
+    bad = {str(w): str(s) for w, s in sorted(per.items()) if isinstance(s, Exception)}
+    if bad:
+        out["unavailable"] = bad
+    return out
+
+
 def _engine_submit(engine: Any) -> Callable[[Event], None]:
     def submit(ev: Event) -> None:
         engine.submit(ev, ev.time)  # events carry the wall-clock time they arrived
@@ -298,30 +530,39 @@ def _engine_submit(engine: Any) -> Callable[[Event], None]:
     return submit
 
 
-async def start_services(cfg: Config, datapath: Any, engine: Any = None, driver: Any = None,
-                         sink: Any = None, *,
-                         on_failure: Callable[[str], None] | None = None) -> Services:
-    """Start the management port, the netlink monitor and the control socket on the
-    running loop (see the module doc). Never raises: a failure of the management port is
-    reported to ``on_failure`` (default: ``datapath.on_failure``) after closing what was
-    started; the control socket's and the monitor's failures are logged."""
-    loop = asyncio.get_running_loop()
+def local_services(cfg: Config, datapath: Any, engine: Any = None, driver: Any = None,
+                   sink: Any = None) -> Services:
+    """The services of one process without the sockets: the decision history (wraps the
+    sink both the datapath and the engine log to) and, with no engine, the minimal
+    management handler. A worker serves ``handlers()`` (+ ``event``) on its link."""
     svc = Services(cfg, datapath, engine, driver, sink)
-    fail = on_failure or getattr(datapath, "on_failure", None)
-
-    # the decision history behind ``why``: wrap the sink both sides log to
     hist = HistorySink(datapath.sink)
     datapath.sink = hist
     if engine is not None:
         engine.sink = hist
     svc.history = hist
-
-    submit: Callable[[Event], None]
-    if engine is not None:
-        submit = _engine_submit(engine)
-    else:
+    if engine is None:
         svc.mgmt_handler = MinimalMgmtHandler(datapath)
-        submit = svc.mgmt_handler
+    return svc
+
+
+async def start_services(cfg: Config, datapath: Any, engine: Any = None, driver: Any = None,
+                         sink: Any = None, *,
+                         on_failure: Callable[[str], None] | None = None,
+                         workers: Sequence[Any] = ()) -> Services:
+    """Start the management port, the netlink monitor and the control socket on the
+    running loop (see the module doc). Never raises: a failure of the management port is
+    reported to ``on_failure`` (default: ``datapath.on_failure``) after closing what was
+    started; the control socket's and the monitor's failures are logged. ``workers``
+    (``vstack.workers.WorkerLink``): the control socket fans out over them and the
+    management and monitor events are forwarded to them."""
+    loop = asyncio.get_running_loop()
+    svc = local_services(cfg, datapath, engine, driver, sink)
+    svc.workers = list(workers)
+    fail = on_failure or getattr(datapath, "on_failure", None)
+    local: Callable[[Event], None] = (_engine_submit(engine) if engine is not None
+                                      else svc.mgmt_handler or (lambda _ev: None))
+    submit = svc.submit_everywhere(local)
     try:
         from vstack.management import ManagementServer
 

@@ -1,27 +1,48 @@
 """Every core (issue 6): one worker process per queue of a multi-queue TUN.
 
-``vstack run --workers N`` (``[vnic] queues = N``) creates the TUN with
-``IFF_MULTI_QUEUE``; the parent opens N-1 more queues and forks one worker per extra queue
-before its own event loop starts; the parent is worker 0 and keeps everything that exists
-once per host (routes, nftables, state file, management, control socket, monitor).
+``vstack run --workers N`` (``[vnic] queues = N``; the default, 0, is one per core:
+``default_workers()``) creates the TUN with ``IFF_MULTI_QUEUE``; the parent opens N-1
+more queues and forks one worker per extra queue before its own event loop starts. The
+parent is worker 0: it forwards packets on its own queue like the others and also keeps
+everything that exists once per host (routes, nftables, state file, management port,
+control socket, netlink monitor).
 
 **Flows never move between workers.** The kernel picks the queue of a packet written to
 the TUN by the flow's hash (``tun_select_queue``: the flow's recorded queue, or the hash
 scaled to the queue count), so every packet of a flow reaches the same worker, which owns
 that flow's whole state: its stack engine and sockets, its rule-engine facts, its timers.
 
-**Consistency of decisions.** Every worker runs the *same* ruleset (it loads the same
-rules file, and reloads it on the SIGHUP the parent forwards) with its *own* engine, so a
-flow is decided by the same rules whichever worker it lands on; per-flow state never needs
-sharing because a flow stays on its worker. Each worker writes its own decision log
-(worker ``k`` > 0: ``<db>-w<k>``, SQLite allows one writer at a time; a shared file would
-serialise the workers), with the worker id in every log line. What is *not* shared:
-rules that aggregate over flows (counts across flows) see one worker's share, and the
-control socket / management lists worker 0's flows. See ``docs/speed.md``.
+**Consistency of decisions.** Every worker runs the *same* ruleset (the same rules file)
+with its *own* engine, so a flow is decided by the same rules whichever worker it lands
+on, with no IPC on the first packet's path. What must reach every engine goes through the
+parent, over one **link** per worker (a ``socketpair`` made before the fork, JSON lines,
+the control socket's protocol and dispatcher, ``ControlServer.dispatch``):
+
+* management messages (after authentication, in the parent) and netlink monitor events
+  are forwarded to every worker's engine (method ``event``), so all engines see the same
+  events; without a rule engine a ``mgmt.switch`` / ``mgmt.retarget`` goes to the worker
+  that owns the flow (``owner_only``);
+* ``vstack rules reload`` reloads the parent's rules first: a bad file is refused there
+  with its positioned error and no worker is touched (the old rules keep running
+  everywhere); a good one is then reloaded on every worker. SIGHUP is forwarded too;
+* ``vstack flows`` merges every worker's flows (each tagged ``worker``); ``switch`` and
+  ``why`` go to the worker that knows the flow; ``stats`` gives per-worker counters and
+  their totals (``vstack.services``).
+
+``WorkerLink`` is the parent's client of one link: requests are serialised, each bounded by
+a timeout; a worker that died or does not answer is a clear ``WorkerUnavailable`` error,
+never a hang (a late answer is recognised by its id and dropped).
+
+**Decision log.** Each worker writes its own log (worker ``k`` > 0: ``<db>-w<k>``, trace
+``<record>-w<k>``): SQLite takes one writer at a time, and forwarding every record to the
+parent would put IPC on the per-flow path. Every log line carries ``w<k>``. ``vstack learn``
+reads the ``-w<k>`` siblings of the database it is given (``worker_dbs``); ``vstack why``
+asks the owning worker's in-memory history. Rules that aggregate over flows (counts
+across flows) still see one worker's share. See ``docs/speed.md``.
 
 Lifetime: workers die with the parent (``PR_SET_PDEATHSIG``), so a ``SIGKILL``ed daemon
 leaves no queue open (the TUN vanishes with its last fd); SIGTERM/SIGINT/SIGHUP sent to
-the parent are forwarded.
+the parent are forwarded; a worker whose link closes (the parent is gone) stops.
 """
 
 from __future__ import annotations
@@ -29,27 +50,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
+import socket
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vstack.analysis.flowkey import FlowKey
 from vstack.config import Config, ConfigError
+from vstack.decision.events import Event
 from vstack.vnic.tun import Tun, open_tun
 
 log = logging.getLogger("vstack.workers")
 PR_SET_PDEATHSIG = 1
+LINK_LINE = 64 << 20  # one answer on a link (``flows`` of many flows is long)
+LINK_TIMEOUT_S = 5.0  # a worker that does not answer within this is reported, not awaited
+MAX_NOTES = 4096  # forwarded events waiting for one link; more are dropped and counted
 
 
 def default_workers() -> int:
+    """One worker per core this process may run on."""
     return max(1, len(os.sched_getaffinity(0)))
 
 
 def worker_db(db_url: str, wid: int) -> str:
-    """The decision log of worker ``wid`` (0: the configured one)."""
+    """The decision log (or trace) of worker ``wid`` (0: the configured one)."""
     if not db_url or wid == 0:
         return db_url
     stem, dot, ext = db_url.rpartition(".")
@@ -58,17 +88,210 @@ def worker_db(db_url: str, wid: int) -> str:
     return f"{db_url}-w{wid}"
 
 
+def worker_dbs(db_url: str, limit: int = 256) -> list[str]:
+    """``db_url`` and the logs of workers 1, 2, ... that exist beside it (SQLite files
+    only; other URLs are returned alone). Readers of the decision log (``vstack learn``)
+    take them all."""
+    out = [db_url]
+    prefix = "sqlite:///"
+    if not db_url.startswith(prefix):
+        return out
+    for wid in range(1, limit):
+        url = worker_db(db_url, wid)
+        if not os.path.exists(url[len(prefix):]):
+            break
+        out.append(url)
+    return out
+
+
 def _tag_logs(wid: int) -> None:
     for h in logging.getLogger().handlers:
         h.setFormatter(logging.Formatter(
             f"%(asctime)s %(levelname)-7s w{wid} %(name)s: %(message)s", datefmt="%H:%M:%S"))
 
 
-class Workers:
-    """The forked workers of one daemon (the parent's handle)."""
+# --------------------------------------------------------------------------- the links
+def event_to_json(ev: Event) -> dict[str, Any]:
+    """An ``Event`` as link ``params`` (``event_from_json`` reverses it)."""
+    from vstack.control import to_jsonable
 
-    def __init__(self, pids: Sequence[int]) -> None:
+    return {"type": ev.type, "time": ev.time, "fields": to_jsonable(dict(ev.fields)),
+            "flow": None if ev.flow is None else str(ev.flow)}
+
+
+def event_from_json(params: Mapping[str, Any]) -> Event:
+    etype, t, fields, flow = (params.get("type"), params.get("time"), params.get("fields"),
+                              params.get("flow"))
+    if not isinstance(etype, str) or not isinstance(t, int | float) or isinstance(t, bool):
+        raise ValueError("event needs a string 'type' and a numeric 'time'")
+    if not isinstance(fields, dict):
+        raise ValueError("event 'fields' must be an object")
+    if flow is not None and not isinstance(flow, str):
+        raise ValueError("event 'flow' must be a flow key or null")
+    return Event(etype, float(t), fields, FlowKey.parse(flow) if flow else None)
+
+
+class WorkerUnavailable(RuntimeError):
+    """A worker died, or did not answer on its link in time."""
+
+
+class WorkerError(Exception):
+    """A worker answered a request with an error; ``kind`` is the error's type there."""
+
+    def __init__(self, wid: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.wid = wid
+        self.kind = kind
+
+
+class WorkerLink:
+    """The parent's end of one worker's link: ``await request(method, params)`` returns the
+    result, or raises ``WorkerError`` (the worker's handler failed) / ``WorkerUnavailable``
+    (dead, or no answer within ``timeout``); ``notify`` sends without waiting (ordered
+    with the requests). One request at a time per link; never blocks the loop longer
+    than ``timeout`` per request."""
+
+    def __init__(self, wid: int, sock: socket.socket, pid: int | None = None,
+                 timeout: float = LINK_TIMEOUT_S) -> None:
+        self.wid = wid
+        self.pid = pid
+        self.timeout = timeout
+        self.counters: Counter[str] = Counter()
+        self.dead: str | None = None
+        self._sock: socket.socket | None = sock
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+        self._next = 0
+        self._notes: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"worker {self.wid}" + (f" (pid {self.pid})" if self.pid else "")
+
+    def _gone(self, why: str) -> WorkerUnavailable:
+        if self.dead is None:
+            self.dead = why
+            log.error("%r: %s", self, why)
+            self._close_transport()
+        return WorkerUnavailable(f"{self!r} is unavailable: {self.dead}")
+
+    def _close_transport(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        elif self._sock is not None:
+            self._sock.close()
+        self._writer = self._reader = None
+        self._sock = None
+
+    async def request(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        if self.dead is not None:
+            raise WorkerUnavailable(f"{self!r} is unavailable: {self.dead}")
+        async with self._lock:
+            if self.dead is not None:
+                raise WorkerUnavailable(f"{self!r} is unavailable: {self.dead}")
+            self._next += 1
+            rid = self._next
+            line = json.dumps({"id": rid, "method": method, "params": dict(params or {})},
+                              separators=(",", ":"), allow_nan=False).encode() + b"\n"
+            self.counters["requests"] += 1
+            try:
+                if self._writer is None:
+                    assert self._sock is not None
+                    self._reader, self._writer = await asyncio.open_unix_connection(
+                        sock=self._sock, limit=LINK_LINE)
+                self._writer.write(line)
+                resp = await asyncio.wait_for(self._answer(rid), self.timeout)
+            except TimeoutError:
+                self.counters["timeouts"] += 1
+                raise WorkerUnavailable(f"{self!r} did not answer {method!r} within "
+                                        f"{self.timeout:g}s") from None
+            except (OSError, EOFError, ValueError) as e:
+                raise self._gone(f"its link failed ({type(e).__name__}: {e}); the worker "
+                                 "has probably exited") from None
+        if not resp.get("ok"):
+            err = resp.get("error") or {}
+            self.counters["errors"] += 1
+            raise WorkerError(self.wid, str(err.get("type", "Error")),
+                              str(err.get("message", "unknown error")))
+        return resp.get("result")
+
+    async def _answer(self, rid: int) -> dict[str, Any]:
+        assert self._reader is not None and self._writer is not None
+        await self._writer.drain()
+        while True:
+            line = await self._reader.readline()
+            if not line:
+                raise EOFError("the link was closed")
+            resp = json.loads(line)
+            if isinstance(resp, dict) and resp.get("id") == rid:
+                return resp
+            self.counters["late_answers"] += 1  # for a request that timed out: dropped
+
+    def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None:
+        """Send a request whose answer nobody waits for (forwarded events); failures are
+        logged and counted. Sent in call order (the lock is FIFO)."""
+        if self.dead is not None:
+            self.counters["notes_dropped"] += 1
+            return
+        if len(self._notes) >= MAX_NOTES:
+            self.counters["notes_dropped"] += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._note(method, params))
+        self._notes.add(task)
+        task.add_done_callback(self._notes.discard)
+
+    async def _note(self, method: str, params: Mapping[str, Any] | None) -> None:
+        try:
+            await self.request(method, params)
+        except (WorkerError, WorkerUnavailable) as e:
+            self.counters["notes_failed"] += 1
+            log.warning("%r: %s not delivered: %s", self, method, e)
+
+    async def close(self) -> None:
+        for t in list(self._notes):
+            t.cancel()
+        self._close_transport()
+        if self.dead is None:
+            self.dead = "the daemon is stopping"
+
+
+async def serve_link(sock: socket.socket,
+                     dispatch: Callable[[bytes], Awaitable[bytes]]) -> None:
+    """The worker's end of its link: one request line in, ``dispatch``'s answer out, until
+    the parent closes it."""
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINK_LINE)
+    try:
+        while True:
+            try:
+                line = await reader.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                log.error("link: request longer than %d bytes; closing", LINK_LINE)
+                break
+            if not line:
+                break
+            writer.write(await dispatch(line))
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+# ------------------------------------------------------------------------- the processes
+class Workers:
+    """The forked workers of one daemon (the parent's handle): their pids and the parent's
+    ends of their links (``links()``, on the running loop)."""
+
+    def __init__(self, pids: Sequence[int], socks: Sequence[socket.socket] = ()) -> None:
         self.pids = list(pids)
+        self._socks = list(socks)
+        self._links: list[WorkerLink] | None = None
+
+    def links(self, timeout: float = LINK_TIMEOUT_S) -> list[WorkerLink]:
+        if self._links is None:
+            self._links = [WorkerLink(wid, s, pid, timeout) for wid, (pid, s)
+                           in enumerate(zip(self.pids, self._socks, strict=True), start=1)]
+        return self._links
 
     def signal(self, sig: int) -> None:
         for pid in self.pids:
@@ -76,6 +299,8 @@ class Workers:
                 os.kill(pid, sig)
 
     def stop(self, timeout: float = 10.0) -> None:
+        for s in self._socks:
+            s.close()
         self.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         left = set(self.pids)
@@ -96,7 +321,7 @@ class Workers:
 
 
 def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int) -> Workers:
-    """Open ``n - 1`` more queues of ``tun`` and fork a worker on each."""
+    """Open ``n - 1`` more queues of ``tun`` and fork a worker on each, each with a link."""
     if n <= 1:
         return Workers([])
     _tag_logs(0)
@@ -105,6 +330,7 @@ def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int) -> Workers:
     set_port_slice(0, n)  # raw DCCP client ports: each worker its own slice (no collisions)
     queues = [open_tun(tun.name, vnet_hdr=tun.vnet_hdr, multi_queue=True)
               for _ in range(n - 1)]
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n - 1)]
     pids: list[int] = []
     for wid, q in enumerate(queues, start=1):
         pid = os.fork()
@@ -117,7 +343,12 @@ def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int) -> Workers:
                 for other in queues:
                     if other is not q:
                         other.close()
-                code = asyncio.run(_worker(cfg, config_path, q, wid))
+                mine = pairs[wid - 1][1]
+                for a, b in pairs:
+                    a.close()
+                    if b is not mine:
+                        b.close()
+                code = asyncio.run(_worker(cfg, config_path, q, wid, mine))
             except BaseException:  # never return into the parent's code
                 log.exception("worker %d failed", wid)
             finally:
@@ -126,8 +357,10 @@ def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int) -> Workers:
         pids.append(pid)
     for q in queues:
         q.close()  # the workers hold them
+    for _a, b in pairs:
+        b.close()
     log.info("%d workers: pids %s (worker 0 is this process)", n, " ".join(map(str, pids)))
-    return Workers(pids)
+    return Workers(pids, [a for a, _b in pairs])
 
 
 def _child_setup(wid: int) -> None:
@@ -139,17 +372,21 @@ def _child_setup(wid: int) -> None:
     _tag_logs(wid)
 
 
-async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int) -> int:
+async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int,
+                  link: socket.socket | None = None) -> int:
     from vstack.cli.daemon import reload_config
+    from vstack.control import ControlServer
     from vstack.datapath import Datapath
+    from vstack.services import local_services
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     sink: Any = None
-    if cfg.log.db:
+    if cfg.log.db or cfg.log.record:
         from vstack.log.recorder import open_sink
 
-        sink = open_sink(worker_db(cfg.log.db, wid), {"config": cfg.vnic.name, "worker": wid})
+        sink = open_sink(worker_db(cfg.log.db, wid), {"config": cfg.vnic.name, "worker": wid},
+                         worker_db(cfg.log.record, wid))
     engine: Any = None
     driver: Any = None
     if cfg.decision.rules:
@@ -170,7 +407,12 @@ async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int) -> in
         dp.metrics_listeners.append(lambda ev: engine.submit(ev, ev.time))
         driver = EngineDriver(engine, rules)
         driver.start()
+    recorder = getattr(sink, "recorder", None)
+    if recorder is not None:
+        dp.tap = recorder.packet
     dp.on_failure = lambda _msg: stop.set()
+    svc = local_services(cfg, dp, engine, driver, sink)
+    server = ControlServer("", {**svc.handlers(), "event": svc.event})
 
     def reload() -> None:
         if config_path is not None:
@@ -180,6 +422,10 @@ async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int) -> in
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
     dp.attach(q.fd, loop)
+    link_task: asyncio.Task[None] | None = None
+    if link is not None:
+        link_task = loop.create_task(serve_link(link, server.dispatch))
+        link_task.add_done_callback(lambda _t: stop.set())  # the parent is gone
     log.info("worker %d ready on a queue of %s", wid, q.name)
     last: dict[str, Any] = {}
     try:
@@ -191,6 +437,10 @@ async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int) -> in
                 log.info("counters %s", " ".join(f"{k}={v}" for k, v in s.items()))
                 last = s
     finally:
+        if link_task is not None:
+            link_task.cancel()
+            with contextlib.suppress(BaseException):
+                await link_task
         s = dp.stats()
         dp.close()
         if driver is not None:

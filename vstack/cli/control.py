@@ -91,18 +91,28 @@ def flows_cmd(socket_path: SocketOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(json.dumps(result, indent=2))
         return
     rows = result.get("flows", []) if isinstance(result, dict) else result or []
-    table = Table(title=f"{len(rows)} flow{'s' if len(rows) != 1 else ''}")
-    for col, just in (("flow", "left"), ("stack", "left"), ("interface", "left"),
-                      ("target", "left"), ("pkts out", "right"), ("pkts in", "right"),
-                      ("rule", "left")):
+    nworkers = result.get("workers") if isinstance(result, dict) else None
+    per = f" on {nworkers} workers" if isinstance(nworkers, int) and nworkers > 1 else ""
+    table = Table(title=f"{len(rows)} flow{'s' if len(rows) != 1 else ''}{per}")
+    cols = [("flow", "left"), ("stack", "left"), ("interface", "left"), ("target", "left"),
+            ("pkts out", "right"), ("pkts in", "right"), ("rule", "left")]
+    if per:
+        cols.append(("worker", "right"))
+    for col, just in cols:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for f in rows:
-        table.add_row(str(f.get("flow", f.get("key", "?"))), str(f.get("stack", "")),
-                      str(f.get("interface", "") or "-"), str(f.get("target", "")),
-                      str(f.get("packets_out", "")), str(f.get("packets_in", "")),
-                      str(f.get("rule", "") or "-"))
+        cells = [str(f.get("flow", f.get("key", "?"))), str(f.get("stack", "")),
+                 str(f.get("interface", "") or "-"), str(f.get("target", "")),
+                 str(f.get("packets_out", "")), str(f.get("packets_in", "")),
+                 str(f.get("rule", "") or "-")]
+        if per:
+            cells.append(str(f.get("worker", "")))
+        table.add_row(*cells)
     console = _console()
     console.print(table)
+    if isinstance(result, dict):
+        for wid, msg in (result.get("unavailable") or {}).items():
+            typer.echo(f"warning: worker {wid}'s flows are missing: {msg}", err=True)
     if isinstance(result, dict) and result.get("log_dropped") is not None:
         console.print(f"decision log: {result['log_dropped']} records dropped by the writer")
 

@@ -1,7 +1,8 @@
 """``vstack run``: the daemon; ``vstack demo``: the paper's scenario on a netns testbed.
 
-``vstack run [--config FILE] [--stack NAME]`` creates the VNIC, routes the configured
-prefixes through it, and runs until SIGTERM/SIGINT; SIGHUP reloads the configuration file
+``vstack run [--config FILE] [--stack NAME] [--workers N]`` creates the VNIC, routes the
+configured prefixes through it, and runs until SIGTERM/SIGINT, with one worker process per
+core (``--workers``, ``[vnic] queues``; ``vstack.workers``); SIGHUP reloads the configuration file
 (NAT map and default stack, applied to live flows) and the rules file. ``[decision] rules``
 puts the rule engine in charge (selector for new flows, ``flow.metrics``/``flow.idle``
 events, timers, actions through the datapath's Actuator); ``[log] db`` / ``record`` open
@@ -52,6 +53,10 @@ def load_config(path: Path | None, stack: str | None) -> Config:
     from vstack.execution.stacks.base import STACKS
 
     load_builtin()
+    if cfg.vnic.queues == 0:  # issue 6: one worker per core unless told otherwise
+        from vstack.workers import default_workers
+
+        cfg.vnic.queues = default_workers()
     if cfg.execution.default_stack not in STACKS:
         raise ConfigError(f"execution.default_stack: unknown stack "
                           f"{cfg.execution.default_stack!r} (known: {', '.join(sorted(STACKS))})")
@@ -207,7 +212,8 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
         dp.attach(vnic.tun.fd, loop)
         from vstack.services import start_services  # management, monitor, control socket
 
-        services = await start_services(cfg, dp, engine, driver, sink)
+        links = _WORKERS.links() if _WORKERS is not None else []
+        services = await start_services(cfg, dp, engine, driver, sink, workers=links)
         v = vnic.describe()
         log.info("vstack ready: device %s (%s, %s), routes %s via table %d, fwmark 0x%x, "
                  "default stack %s", v["name"], v["address4"] or "-", v["address6"] or "-",
@@ -249,7 +255,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
     workers: int | None = typer.Option(
         None, "--workers", help="worker processes, one per TUN queue (0: one per core; "
-        "default: the config's vnic.queues, 1)"),
+        "default: the config's vnic.queues, else one per core)"),
 ) -> None:
     """Run the vstack daemon: VNIC, routes, datapath, until SIGTERM/SIGINT (SIGHUP reloads)."""
     setup_logging(verbose)

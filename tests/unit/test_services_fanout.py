@@ -1,0 +1,381 @@
+"""The parent <-> worker links and the control fan-out (``vstack.workers``,
+``vstack.services``) without root: each "worker" is a ``local_services`` over a stand-in
+datapath, served by ``serve_link`` on one end of a real ``socketpair`` on the same loop;
+the parent's ``Services`` fans out over ``WorkerLink``s on the other ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vstack.analysis.flowkey import FlowKey
+from vstack.config import Config
+from vstack.control import ControlServer
+from vstack.decision.events import Event
+from vstack.execution.selector import Decision, FlowInfo
+from vstack.log import NullSink
+from vstack.services import (
+    RulesReloadError,
+    Services,
+    UnknownFlow,
+    local_services,
+    merge_flows,
+    merge_stats,
+    sum_counters,
+)
+from vstack.workers import (
+    WorkerError,
+    WorkerLink,
+    WorkerUnavailable,
+    event_from_json,
+    event_to_json,
+    serve_link,
+)
+
+
+def _flow(port: int) -> FlowKey:
+    return FlowKey.parse(f"udp:198.18.0.1:{port}->10.201.1.2:9000")
+
+
+class FlowNotFound(LookupError):
+    pass
+
+
+class FakeDatapath:
+    """One worker's Actuator: the flows it owns; records what it is told."""
+
+    def __init__(self, ports: Iterable[int]) -> None:
+        self.sink: Any = NullSink()
+        self.on_failure: Any = None
+        self.stacks = {_flow(p): "udp" for p in ports}
+        self.calls: list[tuple[Any, ...]] = []
+
+    def switch(self, flow: FlowKey, stack: str, options: Mapping[str, Any] | None = None,
+               *, rule: str | None = None) -> None:
+        if flow not in self.stacks:
+            raise FlowNotFound(f"no flow {flow}")
+        if stack not in ("udp", "dccp"):
+            raise ValueError(f"unknown stack {stack!r}")
+        self.calls.append(("switch", flow, stack, rule))
+        self.stacks[flow] = stack
+        self.sink.decision(flow, Decision(stack=stack, rule=rule), time.time())
+
+    def retarget(self, flow: FlowKey, address: str, port: int | None,
+                 *, rule: str | None = None) -> None:
+        if flow not in self.stacks:
+            raise FlowNotFound(f"no flow {flow}")
+        self.calls.append(("retarget", flow, address, port, rule))
+
+    def flow_info(self, flow: FlowKey) -> FlowInfo | None:
+        return next((f for f in self.flows() if f.key == flow), None)
+
+    def flows(self) -> list[FlowInfo]:
+        return [FlowInfo(k, s, "", "10.201.1.2:9000", 1, 1, 10, 10, "r", 0.0, 0.0)
+                for k, s in self.stacks.items()]
+
+    def stats(self) -> dict[str, Any]:
+        return {"rx_packets": 10 * len(self.stacks), "flows": len(self.stacks)}
+
+
+class FakeEngine:
+    def __init__(self, version: str = "v1") -> None:
+        self.events: list[Event] = []
+        self.rules_version = version
+        self.stats: dict[str, int] = {"events": 0}
+        self.sink: Any = None
+        self.ruleset = type("RS", (), {"rules": [1, 2]})()
+
+    def submit(self, ev: Event, now: float) -> int:
+        self.events.append(ev)
+        self.stats["events"] += 1
+        return 0
+
+    def timers(self) -> list[Any]:
+        return []
+
+    def flow_state(self, flow: FlowKey) -> Any:
+        return None
+
+
+class FakeDriver:
+    """``driver.reload()`` of a rules file that is good or bad."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.good = True
+        self.rules = type("Rules", (), {"path": "x.rules", "last_error": None,
+                                        "warnings": []})()
+
+    def reload(self) -> bool:
+        if not self.good:
+            self.rules.last_error = "x.rules:2:7: expected a value"
+            return False
+        self.engine.rules_version = "v2"
+        return True
+
+
+class Host:
+    """A parent (worker 0) and ``len(ports)-1`` workers on socketpairs."""
+
+    def __init__(self, ports: list[list[int]], engines: bool = False,
+                 timeout: float = 2.0) -> None:
+        self.dps = [FakeDatapath(p) for p in ports]
+        self.engines = [FakeEngine() for _ in ports] if engines else [None] * len(ports)
+        self.drivers = [FakeDriver(e) if e is not None else None for e in self.engines]
+        self.svcs = [local_services(Config(), dp, e, d, None)
+                     for dp, e, d in zip(self.dps, self.engines, self.drivers, strict=True)]
+        self.timeout = timeout
+        self.tasks: list[asyncio.Task[None]] = []
+        self.links: list[WorkerLink] = []
+        self.worker_socks: list[socket.socket] = []
+
+    async def __aenter__(self) -> Services:
+        for wid, svc in enumerate(self.svcs[1:], start=1):
+            a, b = socket.socketpair()
+            server = ControlServer("", {**svc.handlers(), "event": svc.event})
+            self.tasks.append(asyncio.create_task(serve_link(b, server.dispatch)))
+            self.links.append(WorkerLink(wid, a, 1000 + wid, self.timeout))
+            self.worker_socks.append(b)
+        parent = self.svcs[0]
+        parent.workers = self.links
+        return parent
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.svcs[0].close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+# ------------------------------------------------------------------------------ the link
+def test_link_request_error_and_late_answers() -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        slow = asyncio.Event()
+
+        async def dispatch(line: bytes) -> bytes:
+            req = json.loads(line)
+            if req["method"] == "slow":
+                await slow.wait()
+            if req["method"] == "boom":
+                return json.dumps({"id": req["id"], "ok": False, "error": {
+                    "type": "EngineError", "message": "no such stack"}}).encode() + b"\n"
+            return json.dumps({"id": req["id"], "ok": True,
+                               "result": req["params"]}).encode() + b"\n"
+
+        task = asyncio.create_task(serve_link(b, dispatch))
+        link = WorkerLink(3, a, 42, timeout=0.3)
+        assert await link.request("echo", {"x": 1}) == {"x": 1}
+        with pytest.raises(WorkerError) as ei:
+            await link.request("boom")
+        assert ei.value.kind == "EngineError" and ei.value.wid == 3
+        with pytest.raises(WorkerUnavailable, match=r"did not answer 'slow' within 0\.3s"):
+            await link.request("slow")
+        slow.set()  # its answer comes late, and is dropped by id
+        assert await link.request("echo", {"y": 2}) == {"y": 2}
+        assert link.counters["late_answers"] == 1 and link.counters["timeouts"] == 1
+        await link.close()
+        with pytest.raises(WorkerUnavailable):
+            await link.request("echo")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(main())
+
+
+def test_a_dead_worker_is_a_clear_error_not_a_hang() -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        b.close()  # the worker exited
+        link = WorkerLink(1, a, 4242, timeout=5.0)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerUnavailable, match=r"worker 1 \(pid 4242\) is unavailable"):
+            await link.request("flows")
+        assert time.monotonic() - t0 < 4.0  # EOF, not the timeout
+        assert link.dead is not None
+        link.notify("event", {})  # counted, never raised
+        assert link.counters["notes_dropped"] == 1
+
+    run(main())
+
+
+@given(st.sampled_from(["mgmt.switch", "mgmt.congestion", "link.down"]),
+       st.floats(0, 2e9), st.dictionaries(st.text(min_size=1, max_size=8),
+                                          st.integers() | st.text(max_size=8), max_size=4),
+       st.booleans())
+def test_event_json_round_trip(etype: str, t: float, fields: dict[str, Any],
+                               with_flow: bool) -> None:
+    ev = Event(etype, t, fields, _flow(5000) if with_flow else None)
+    back = event_from_json(json.loads(json.dumps(event_to_json(ev))))
+    assert back == ev
+
+
+@pytest.mark.parametrize("bad", [{"type": 1, "time": 0, "fields": {}},
+                                 {"type": "x", "time": "now", "fields": {}},
+                                 {"type": "x", "time": 0, "fields": []},
+                                 {"type": "x", "time": 0, "fields": {}, "flow": "nonsense"}])
+def test_bad_events_are_value_errors(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        event_from_json(bad)
+
+
+# ----------------------------------------------------------------------------- fan-out
+def test_flows_merge_all_workers_each_tagged() -> None:
+    async def main() -> None:
+        async with Host([[5000, 5001], [6000], [7000, 7001, 7002]]) as parent:
+            res = await parent.handlers()["flows"]({})
+            got = {(f["flow"], f["worker"]) for f in res["flows"]}
+            assert got == {(str(_flow(5000)), 0), (str(_flow(5001)), 0),
+                           (str(_flow(6000)), 1), (str(_flow(7000)), 2),
+                           (str(_flow(7001)), 2), (str(_flow(7002)), 2)}
+            assert res["workers"] == 3 and "unavailable" not in res
+
+    run(main())
+
+
+def test_switch_and_why_go_to_the_owner() -> None:
+    async def main() -> None:
+        h = Host([[5000], [6000], [7000]])
+        async with h as parent:
+            hd = parent.handlers()
+            res = await hd["switch"]({"flow": str(_flow(7000)), "stack": "dccp"})
+            assert res == {"flow": str(_flow(7000)), "stack": "dccp", "worker": 2}
+            assert h.dps[2].calls == [("switch", _flow(7000), "dccp", "cli")]
+            assert h.dps[0].calls == [] and h.dps[1].calls == []
+            res = await hd["switch"]({"flow": str(_flow(5000)), "stack": "dccp"})
+            assert res["worker"] == 0
+            with pytest.raises(LookupError, match="no flow"):
+                await hd["switch"]({"flow": str(_flow(9999)), "stack": "dccp"})
+            with pytest.raises(WorkerError, match="unknown stack") as ei:  # not "not found"
+                await hd["switch"]({"flow": str(_flow(6000)), "stack": "nope"})
+            assert ei.value.kind == "ValueError"
+            why = await hd["why"]({"flow": str(_flow(7000))})
+            assert why["worker"] == 2 and why["live"]
+            assert [(d["rule"], d["stack"]) for d in why["decisions"]] == [("cli", "dccp")]
+            with pytest.raises(UnknownFlow):
+                await hd["why"]({"flow": str(_flow(9999))})
+            # through the control server's dispatch: the worker's error type is kept
+            server = ControlServer("", hd)
+            line = json.dumps({"id": 1, "method": "switch", "params": {
+                "flow": str(_flow(6000)), "stack": "nope"}}).encode()
+            resp = json.loads(await server.dispatch(line))
+            assert resp["error"]["type"] == "ValueError"
+
+    run(main())
+
+
+def test_stats_per_worker_and_totals() -> None:
+    async def main() -> None:
+        async with Host([[5000], [6000, 6001], [7000, 7001, 7002]], engines=True) as parent:
+            st_ = await parent.handlers()["stats"]({})
+            assert st_["datapath"] == {"rx_packets": 60, "flows": 6}
+            assert set(st_["workers"]) == {"0", "1", "2"}
+            assert st_["workers"]["2"]["datapath"]["flows"] == 3
+            assert st_["engine"]["rules_version"] == "v1"
+
+    run(main())
+
+
+def test_rules_reload_everywhere_or_nowhere() -> None:
+    async def main() -> None:
+        h = Host([[5000], [6000], [7000]], engines=True)
+        async with h as parent:
+            for d in h.drivers:
+                assert d is not None
+                d.good = False
+            with pytest.raises(RulesReloadError, match=r"x.rules:2:7"):
+                await parent.handlers()["rules_reload"]({})
+            assert [e.rules_version for e in h.engines if e] == ["v1", "v1", "v1"]
+            for d in h.drivers:
+                assert d is not None
+                d.good = True
+            res = await parent.handlers()["rules_reload"]({})
+            assert res["workers"] == {"0": "v2", "1": "v2", "2": "v2"}
+            assert [e.rules_version for e in h.engines if e] == ["v2", "v2", "v2"]
+
+    run(main())
+
+
+def test_events_reach_every_engine() -> None:
+    async def main() -> None:
+        h = Host([[5000], [6000], [7000]], engines=True)
+        async with h as parent:
+            local = h.engines[0]
+            assert local is not None
+            submit = parent.submit_everywhere(lambda ev: local.submit(ev, ev.time))
+            ev = Event("mgmt.congestion", 123.0, {"link": "veth0", "level": 0.9})
+            submit(ev)
+            for _ in range(100):
+                if all(e is not None and e.events for e in h.engines):
+                    break
+                await asyncio.sleep(0.01)
+            assert [e.events for e in h.engines if e] == [[ev], [ev], [ev]]
+
+    run(main())
+
+
+def test_mgmt_without_rules_goes_to_the_owner_only() -> None:
+    async def main() -> None:
+        h = Host([[5000], [6000], [7000]])
+        async with h as parent:
+            handler = parent.mgmt_handler
+            assert handler is not None
+            submit = parent.submit_everywhere(handler)
+            submit(Event("mgmt.switch", 1.0, {"flow": str(_flow(6000)), "stack": "dccp"},
+                         _flow(6000)))
+            submit(Event("mgmt.switch", 1.0, {"flow": str(_flow(9999)), "stack": "dccp"},
+                         _flow(9999)))
+            for _ in range(200):
+                if handler.counters["applied"] + handler.counters["errors"] >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert h.dps[1].calls == [("switch", _flow(6000), "dccp", "mgmt")]
+            assert h.dps[0].calls == [] and h.dps[2].calls == []
+            assert handler.counters["applied"] == 1 and handler.counters["errors"] == 1
+            # the other workers were asked and said "not mine": nothing counted there
+            assert not h.svcs[2].mgmt_handler or not h.svcs[2].mgmt_handler.counters["errors"]
+
+    run(main())
+
+
+def test_a_dead_worker_leaves_the_rest_answering() -> None:
+    async def main() -> None:
+        h = Host([[5000], [6000], [7000]])
+        async with h as parent:
+            h.tasks[0].cancel()  # worker 1 exits: its end closes
+            await asyncio.gather(h.tasks[0], return_exceptions=True)
+            h.worker_socks[0].close()
+            res = await parent.handlers()["flows"]({})
+            assert {f["worker"] for f in res["flows"]} == {0, 2}
+            assert "worker 1 (pid 1001) is unavailable" in res["unavailable"]["1"]
+            st_ = await parent.handlers()["stats"]({})
+            assert "1" in st_["unavailable"] and set(st_["workers"]) == {"0", "2"}
+            with pytest.raises(LookupError, match="worker 1"):
+                await parent.handlers()["switch"]({"flow": str(_flow(6000)), "stack": "dccp"})
+
+    run(main())
+
+
+def test_merge_helpers() -> None:
+    assert sum_counters([{"a": 1, "v": "x", "n": {"b": 2}}, {"a": 2, "v": "x", "n": {"b": 3}},
+                         {"a": 0.5, "v": "y"}]) == {"a": 3.5, "v": ["x", "x", "y"],
+                                                    "n": {"b": 5}}
+    out = merge_flows({0: {"flows": [{"flow": "f"}], "log_dropped": 2},
+                       1: WorkerUnavailable("gone"), 2: {"flows": [], "log_dropped": 1}})
+    assert out == {"flows": [{"flow": "f", "worker": 0}], "workers": 3, "log_dropped": 3,
+                   "unavailable": {"1": "gone"}}
+    st_ = merge_stats({"uptime_s": 1, "datapath": {"x": 1}, "control": {"requests": 1}},
+                      {0: {"datapath": {"x": 1}}, 1: {"datapath": {"x": 4}}})
+    assert st_["datapath"] == {"x": 5} and st_["control"] == {"requests": 1}
