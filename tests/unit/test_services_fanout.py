@@ -314,7 +314,10 @@ def test_events_reach_every_engine() -> None:
         async with h as parent:
             local = h.engines[0]
             assert local is not None
-            submit = parent.submit_everywhere(lambda ev: local.submit(ev, ev.time))
+            def to_local(ev: Event) -> None:
+                local.submit(ev, ev.time)
+
+            submit = parent.submit_everywhere(to_local)
             ev = Event("mgmt.congestion", 123.0, {"link": "veth0", "level": 0.9})
             submit(ev)
             for _ in range(100):
