@@ -39,17 +39,30 @@ def _fail(msg: str, code: int = 1) -> typer.Exit:
 
 
 def _load(url: str, runs: list[int] | None, kinds: list[str]) -> Any:
+    """Samples from ``url`` and from the logs of the daemon's other workers beside it
+    (``<db>-w<k>``, ``vstack run --workers``): their flows are disjoint, so the samples are
+    simply joined; ``--run N`` selects run N in each file."""
     import db
-    from learning.data import load_samples
+    from learning.data import LoadReport, load_samples
+    from vstack.workers import worker_dbs
 
-    try:
-        engine = db.open_db(url, create=False, migrate=False)
-    except db.DatabaseError as e:
-        raise _fail(str(e)) from None
-    try:
-        return load_samples(engine, runs or None, kinds)
-    finally:
-        engine.dispose()
+    samples: list[Any] = []
+    total = LoadReport()
+    for u in worker_dbs(url):
+        try:
+            engine = db.open_db(u, create=False, migrate=False)
+        except db.DatabaseError as e:
+            raise _fail(str(e)) from None
+        try:
+            got, rep = load_samples(engine, runs or None, kinds)
+        finally:
+            engine.dispose()
+        samples.extend(got)
+        total.runs = sorted(set(total.runs) | set(rep.runs))
+        total.decisions += rep.decisions
+        total.flows += rep.flows
+        total.without_outcome += rep.without_outcome
+    return samples, total
 
 
 @app.command("fit")
