@@ -189,7 +189,7 @@ def throughput(
                         stdout=subprocess.PIPE, text=True)
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
         cfg = Path(tmp) / "bench.toml"
-        cfg.write_text('[vnic]\nname = "vstk0"\n[execution]\nmetrics_interval_s = 1.0\n'
+        cfg.write_text('[vnic]\nname = "vstk0"\nqueues = 1\n[execution]\nmetrics_interval_s = 1.0\n'
                        f"nice = {nice}\n")
         log = (Path(tmp) / "daemon.log").open("w+")
         daemon = tb.popen(tb.edge, [sys.executable, "-m", "vstack", "run", "--config",
