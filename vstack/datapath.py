@@ -45,13 +45,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from vstack.analysis.classifier import ParseError, classify, flow_new_event
+from vstack.analysis.classifier import ParseError, classify, flow_new_event, note_fields
 from vstack.analysis.flowkey import FlowKey
 from vstack.analysis.reassembly import FragmentError, Reassembler
 from vstack.config import Config
 from vstack.decision.events import Event
 from vstack.execution.endpoint import Endpoint
-from vstack.execution.engine import EngineError, StackEngine
+from vstack.execution.engine import EngineError, FlowEnv, StackEngine
 from vstack.execution.flows import FlowTable
 from vstack.execution.nat import NatTable
 from vstack.execution.selector import Decision, FlowInfo, StackSelector
@@ -114,7 +114,7 @@ class Datapath:
         self._fast4: dict[bytes, Callable[[list[memoryview]], None]] = {}
         self._fast6: dict[bytes, Callable[[list[memoryview]], None]] = {}
         self._wire: dict[bytes, StackEngine] = {}
-        self._fields: dict[FlowKey, dict[str, Any]] = {}
+        self._env: FlowEnv | None = None  # what all flows share (built on the first flow)
         self._batch = ex.batch
         self._read_size = max(config.vnic.mtu, 1500) + 256
         self._fd = -1
@@ -345,13 +345,16 @@ class Datapath:
         key: FlowKey = c.key
         now = time.time()
         ev = flow_new_event(c, now)
-        fields = dict(ev.fields)
-        try:
-            self.sink.event(ev)
-            self.sink.flow_seen(key, fields, now)
-        except Exception as err:  # the log must never stop the packet path
-            self._count_error(err)
-        default = self.config.execution.default_stack if c.proto == UDP else "raw"
+        sink = self.sink
+        if type(sink) is not NullSink:  # the bench's sink: skip the copy
+            try:
+                sink.event(ev)
+                # a copy: the selector below must not change what the log sees
+                sink.flow_seen(key, dict(ev.fields), now)
+            except Exception as err:  # the log must never stop the packet path
+                self._count_error(err)
+        udp = c.proto == UDP
+        default = self.config.execution.default_stack if udp else "raw"
         try:
             d = self.selector.decide(ev, now)
         except Exception as err:
@@ -359,16 +362,13 @@ class Datapath:
             log.warning("selector failed on %s (%s): using %s", key, err, default)
             d = Decision(stack=default, rule="fallback")
         try:
-            self.sink.decision(key, d, now)
+            sink.decision(key, d, now)
         except Exception as err:
             self._count_error(err)
-        ep = Endpoint(key, self._write_tapped if self.tap is not None else self._write
-                      ) if c.proto == UDP else None
-        loop = self._loop or asyncio.get_event_loop()
-        e = StackEngine(key, loop=loop, nat=self.nat, fwmark=self.config.vnic.fwmark,
-                        endpoint=ep, stack_options=self._stack_options, created=now,
-                        on_error=self._stack_error,
-                        fallback=self.config.execution.default_stack)
+        env = self._env or self._make_env()
+        # the endpoint (UDP flows) is built when a payload stack is first activated; the
+        # flow keeps its first packet's fields as one int (``note``), not a dict
+        e = StackEngine(key, env, now, None, c.note())
         e.rule = d.rule or ""
         if d.interface:
             e.interface = d.interface
@@ -405,11 +405,26 @@ class Datapath:
             flowlog.info("flow %s evicted (table full, %d flows)", ek, self.table.max_flows)
             ee.close()
             self._unregister(ek)
-        self._fields[key] = fields
         self._register(e)
-        flowlog.info("flow %s created: stack=%s target=%s rule=%s", key,
-                     e.stack_name or "drop", _fmt_target(e.target), e.rule or "-")
+        if flowlog.isEnabledFor(logging.INFO):  # the arguments cost more than the check
+            flowlog.info("flow %s created: stack=%s target=%s rule=%s", key,
+                         e.stack_name or "drop", _fmt_target(e.target), e.rule or "-")
         return e
+
+    def _make_env(self) -> FlowEnv:
+        loop = self._loop or asyncio.get_event_loop()
+        env = self._env = FlowEnv(loop=loop, nat=self.nat, fwmark=self.config.vnic.fwmark,
+                                  stack_options=self._stack_options,
+                                  on_error=self._stack_error,
+                                  fallback=self.config.execution.default_stack,
+                                  make_endpoint=self._make_endpoint)
+        return env
+
+    def _make_endpoint(self, key: FlowKey) -> Endpoint | None:
+        """A UDP flow's endpoint (built when its first payload stack is activated)."""
+        if key.proto != UDP:
+            return None
+        return Endpoint(key, self._write_tapped if self.tap is not None else self._write)
 
     def _write_tapped(self, pkt: bytes) -> int:
         tap = self.tap
@@ -454,13 +469,13 @@ class Datapath:
         if key.proto != UDP:
             return
         table = self._fast6 if key.family == 6 else self._fast4
-        if e.packet_mode or e.dropping or e.active is None:
+        many = e.send_many
+        if e.packet_mode or e.dropping or e.active is None or many is None:
             table.pop(fk, None)
         else:
-            table[fk] = e.send_many
+            table[fk] = many
 
     def _unregister(self, key: FlowKey) -> None:
-        self._fields.pop(key, None)
         if key.proto not in _PORTED:
             return
         fk = _fast_key(key)
@@ -506,13 +521,14 @@ class Datapath:
         self._last_tick = mono
         listeners = self.metrics_listeners
         self.reassembler.expire(mono)
+        touch = self.table.touch
         for key, e in list(self.table.items()):
-            t = e.totals()
-            activity = t[0] + t[2] + t[4]
+            activity = e.activity()
             if activity == e.last_activity:
                 continue
             e.last_activity = activity
-            self.table.touch(key, mono)
+            touch(key, mono)
+            t = e.totals()
             prev = e.last_metrics
             e.last_metrics = t
             dpo, dbo, dpi, dbi, ddr = (a - b for a, b in zip(t, prev, strict=True))
@@ -556,10 +572,9 @@ class Datapath:
                 log.warning("metrics listener %r failed: %s", cb, err)
 
     def _flow_fields(self, e: StackEngine) -> dict[str, Any]:
-        f = dict(self._fields.get(e.key, {}))
-        f["stack"] = e.stack_name
-        f["iface"] = e.interface or ""
-        return f
+        """The flow's ``FLOW_FIELDS`` (its first packet's) with its stack and interface
+        now."""
+        return note_fields(e.key, e.first or 0, iface=e.interface or "", stack=e.stack_name)
 
     # ------------------------------------------------------------------ Actuator
     def _engine(self, flow: FlowKey) -> StackEngine:

@@ -45,6 +45,7 @@ from vstack.datapath import (
     Datapath,
     _fast_key,
 )
+from vstack.execution.endpoint import Endpoint
 from vstack.execution.engine import StackEngine
 from vstack.vnic import vnet
 from vstack.vnic.offload import to_datagrams
@@ -87,12 +88,11 @@ class OffloadDatapath(Datapath):
         self._write = write
         self._gso_write = gso_write
 
-    def _new_flow(self, c: Any) -> StackEngine | None:
-        e = super()._new_flow(c)
-        ep = e.endpoint if e is not None else None
+    def _make_endpoint(self, key: FlowKey) -> Endpoint | None:
+        ep = super()._make_endpoint(key)
         if ep is not None and self.tap is None:
             ep.enable_gso(self._gso_write)
-        return e
+        return ep
 
     def _register(self, e: StackEngine) -> None:
         super()._register(e)

@@ -148,10 +148,14 @@ def test_udp_echo_10000_ipv6(bed) -> None:
 
 
 def _stat(d: Daemon, name: str) -> int:
+    """A datapath counter, summed over the workers (each logs its own ``counters``
+    line, ``w0``, ``w1``, ...: the latest of each)."""
     import re
 
-    m = re.findall(rf"counters .*?{name}=(\d+)", d.text())
-    return int(m[-1]) if m else 0
+    last: dict[str, int] = {}
+    for w, v in re.findall(rf"(w\d+)?\s+\S+: counters .*?{name}=(\d+)", d.text()):
+        last[w] = int(v)
+    return sum(last.values())
 
 
 @pytest.mark.parametrize("which", ["server4", "server6"])

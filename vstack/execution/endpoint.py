@@ -18,14 +18,16 @@ from vstack.analysis.flowkey import FlowKey
 from vstack.analysis.packet import UDPTemplate
 
 
-class Endpoint:
-    __slots__ = ("_build", "_gso", "_gso_write", "_write", "bytes_in", "errors", "key",
-                 "packets_in")
+class Endpoint(UDPTemplate):
+    """One per UDP flow, so it *is* the flow's reply template (one object, no bound
+    ``build`` kept: ~250 bytes less per flow; issue 6)."""
+
+    __slots__ = ("_gso", "_gso_write", "_write", "bytes_in", "errors", "key", "packets_in")
 
     def __init__(self, key: FlowKey, write: Callable[[bytes], object]) -> None:
         self.key = key
         # the reply travels from the virtual destination back to the application
-        self._build = UDPTemplate(key.dst, key.src, key.dport, key.sport).build
+        super().__init__(key.dst, key.src, key.dport, key.sport)
         self._write = write
         self.packets_in = 0
         self.bytes_in = 0
@@ -65,12 +67,12 @@ class Endpoint:
 
     def reply(self, payload: bytes) -> bytes:
         """The packet that carries ``payload`` to the application (for tests)."""
-        return self._build(payload)
+        return self.build(payload)
 
     def deliver(self, payload: bytes) -> None:
         """A stack's reply payload -> the application, through the TUN."""
         try:
-            self._write(self._build(payload))
+            self._write(self.build(payload))
         except (OSError, ValueError):
             self.errors += 1
             return

@@ -55,38 +55,77 @@ def carries_packets(cls: type[Stack]) -> bool:
     return getattr(cls, "carries", "payload") == "packet"
 
 
-class StackEngine:
-    """Endpoint + NAT + stack manager of one flow."""
+class FlowEnv:
+    """What every flow of one datapath shares (one object, referenced by each engine, so
+    a flow pays one slot for it rather than seven; issue 6, ``bench flows``)."""
 
-    # one per flow: slots instead of an instance dict save ~1.2 KB per flow (issue 6,
-    # bench flows)
-    __slots__ = ("_built_for", "_closed_lost", "_closed_totals", "_loss_mark", "_on_error",
-                 "_requested", "_stack_options", "active", "created", "dropping", "drops",
-                 "dscp", "endpoint", "failures", "fallback", "fwmark", "interface", "key",
-                 "last_activity", "last_error_fatal", "last_metrics", "loop", "nat",
-                 "packet_mode", "retiring", "rule", "send", "send_many", "stack_name",
-                 "stacks", "switches", "target_override")
+    __slots__ = ("fallback", "fwmark", "loop", "make_endpoint", "nat", "on_error",
+                 "stack_options")
 
-    def __init__(self, key: FlowKey, *, loop: asyncio.AbstractEventLoop, nat: NatTable,
-                 fwmark: int, endpoint: Endpoint | None,
-                 stack_options: Callable[[str], Mapping[str, Any]], created: float,
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, nat: NatTable, fwmark: int,
+                 stack_options: Callable[[str], Mapping[str, Any]],
                  on_error: Callable[[StackEngine, StackError], None] | None = None,
-                 fallback: str = "udp") -> None:
-        self.key = key
+                 fallback: str = "udp",
+                 make_endpoint: Callable[[FlowKey], Endpoint | None] | None = None) -> None:
         self.loop = loop
         self.nat = nat
         self.fwmark = fwmark
-        self.endpoint = endpoint
-        self._stack_options = stack_options
-        self._on_error = on_error
-        self.created = created
+        self.stack_options = stack_options
+        self.on_error = on_error
         self.fallback = fallback  # the stack a flow falls back to when its active one fails
-        # one cached stack per name, with what it was built for: (target, interface,
-        # effective options without the engine's dscp) and the decision's own options
-        self.stacks: dict[str, Stack] = {}
-        self._built_for: dict[str, tuple[tuple[str, int], str | None, dict[str, Any]]] = {}
-        self._requested: dict[str, Mapping[str, Any]] = {}
-        self.retiring: list[Stack] = []  # superseded, closed RETIRE_S later
+        # builds a UDP flow's endpoint when a payload stack is first activated (None: the
+        # flow has none, so only packet stacks can carry it)
+        self.make_endpoint = make_endpoint
+
+
+class _StackErrors:
+    """A stack's ``ctx.on_error``: tells its engine which stack reported (a slotted object
+    instead of a closure + cell + box list per stack)."""
+
+    __slots__ = ("engine", "stack")
+
+    def __init__(self, engine: StackEngine) -> None:
+        self.engine = engine
+        self.stack: Stack | None = None
+
+    def __call__(self, err: StackError) -> None:
+        self.engine._stack_error(self.stack, err)
+
+
+# shared and never written: a flow without a stack (retiring) yet
+_NO_STACKS: dict[str, Stack] = {}
+_NO_RETIRING: list[Stack] = []
+_ZERO2 = (0, 0)
+_ZERO5 = (0, 0, 0, 0, 0)
+_NO_OPTIONS: Mapping[str, Any] = {}
+
+
+class StackEngine:
+    """Endpoint + NAT + stack manager of one flow.
+
+    Memory (issue 6, ``bench flows``): one per flow, so ``__slots__``, everything the
+    flows share in one ``FlowEnv``, and what most flows never need built on first use:
+    the stack cache (dicts), the retiring list, the closed stacks' counters, the endpoint
+    (a dropped flow has none). ``send``/``send_many`` are None while the flow drops."""
+
+    __slots__ = ("_closed", "_loss_mark", "active", "created", "dropping",
+                 "drops", "dscp", "endpoint", "env", "failures", "first", "interface", "key",
+                 "last_activity", "last_error_fatal", "last_metrics", "packet_mode",
+                 "retiring", "rule", "send", "send_many", "stack_name", "stacks", "switches",
+                 "target_override")
+
+    def __init__(self, key: FlowKey, env: FlowEnv, created: float,
+                 endpoint: Endpoint | None = None, first: Any = None) -> None:
+        self.key = key
+        self.env = env
+        self.endpoint = endpoint
+        self.created = created
+        self.first = first  # the datapath's note of the first packet (event fields)
+        # one cached stack per name; each stack's ``built_for`` says what it was built
+        # for: (target, interface, effective options without the engine's dscp, the
+        # decision's own options)
+        self.stacks: dict[str, Stack] = _NO_STACKS
+        self.retiring: list[Stack] = _NO_RETIRING  # superseded, closed RETIRE_S later
         self.failures = 0  # stacks that failed (dropped from the cache)
         self.last_error_fatal = False  # the last on_error came from a stack that failed
         self.active: Stack | None = None
@@ -98,16 +137,29 @@ class StackEngine:
         self.dropping = False
         self.drops = 0  # packets dropped by a drop decision / no stack
         self.packet_mode = True  # the active stack takes whole packets (raw)
-        self.send: Callable[[Any], None] = self._drop
+        # None: no stack (dropping) -> counted in drops
+        self.send: Callable[[Any], None] | None = None
         # the fast path hands a batch of equal-size payloads of this flow at once
-        self.send_many: Callable[[list[memoryview]], None] = self._drop
+        self.send_many: Callable[[list[memoryview]], None] | None = None
         self.switches = 0
-        self._closed_totals = [0, 0, 0, 0, 0]  # out pkts/bytes, in pkts/bytes, drops
-        self._closed_lost = 0
-        self._loss_mark = (0, 0)  # (packets out, lost) at the last interval_loss()
+        # closed stacks' out pkts/bytes, in pkts/bytes, drops, lost (None: none closed)
+        self._closed: list[int] | None = None
+        self._loss_mark = _ZERO2  # (packets out, lost) at the last interval_loss()
         # activity snapshot for idle detection and metrics intervals (owned by the datapath)
         self.last_activity = 0
-        self.last_metrics: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self.last_metrics: tuple[int, int, int, int, int] = _ZERO5
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.env.loop
+
+    @property
+    def nat(self) -> NatTable:
+        return self.env.nat
+
+    @property
+    def fallback(self) -> str:
+        return self.env.fallback
 
     # ------------------------------------------------------------------ NAT
     def target_for(self, stack: str) -> tuple[str, int]:
@@ -117,7 +169,7 @@ class StackEngine:
             return addr, k.dport if port is None else port
         if stack == "raw":  # raw packets leave unchanged
             return k.dst, k.dport
-        return self.nat.lookup(k.dst, k.dport, stack)
+        return self.env.nat.lookup(k.dst, k.dport, stack)
 
     @property
     def target(self) -> tuple[str, int]:
@@ -128,7 +180,8 @@ class StackEngine:
     def can_carry(self, name: str) -> bool:
         cls = STACKS.get(name)
         return cls is not None and (carries_packets(cls) or (
-            self.key.proto == UDP and self.endpoint is not None))
+            self.key.proto == UDP and (self.endpoint is not None
+                                       or self.env.make_endpoint is not None)))
 
     def _get_stack(self, name: str, options: Mapping[str, Any] | None) -> Stack:
         cls = STACKS.get(name)
@@ -137,38 +190,49 @@ class StackEngine:
         if not self.can_carry(name):
             raise EngineError(f"stack {name!r} cannot carry {self.key.proto_name} flows "
                               "(only UDP flows have an endpoint)")
+        env = self.env
         target = self.target_for(name)
-        requested: Mapping[str, Any] = dict(options) if options else {}
-        opts: dict[str, Any] = dict(self._stack_options(name))
-        opts.update(requested)
-        built_for = (target, self.interface, dict(opts))
+        requested: Mapping[str, Any] = dict(options) if options else _NO_OPTIONS
+        opts: dict[str, Any] = dict(env.stack_options(name))
+        if requested:
+            opts.update(requested)
         st = self.stacks.get(name)
-        if (st is not None and not getattr(st, "failed", False)
-                and self._built_for.get(name) == built_for):
+        built = st.built_for if st is not None else None
+        if (st is not None and not getattr(st, "failed", False) and built is not None
+                and built[0] == target and built[1] == self.interface and built[2] == opts):
             return st
+        built_for = (target, self.interface, dict(opts) if opts else _NO_OPTIONS, requested)
         if self.dscp is not None:
             opts.setdefault("dscp", self.dscp)
         ep = self.endpoint
-        box: list[Stack] = []
-        ctx = StackContext(loop=self.loop, family=self.key.family, target=target,
+        if ep is None and not carries_packets(cls) and env.make_endpoint is not None:
+            ep = self.endpoint = env.make_endpoint(self.key)
+        errors = _StackErrors(self)
+        ctx = StackContext(loop=env.loop, family=self.key.family, target=target,
                            deliver=ep.deliver if ep is not None else _no_deliver,
-                           on_error=lambda err: self._stack_error(box, err),
-                           fwmark=self.fwmark, interface=self.interface, options=opts,
+                           on_error=errors, fwmark=env.fwmark, interface=self.interface,
+                           options=opts,
                            deliver_gso=ep.deliver_gso if ep is not None else None)
         try:
             new = cls(ctx)
-            box.append(new)
+            errors.stack = new
+            new.built_for = built_for
             new.open()
         except Exception as e:  # a stack's failure (or bug) must not take the flow down
-            if box:
-                self._close(box[0])
+            if errors.stack is not None:
+                self._close(errors.stack)
             raise EngineError(f"stack {name!r} to {_fmt(target)} failed to open: {e}") from e
         if st is not None:  # superseded (or failed): out of the cache, closed later / now
             self._evict(name, st, retire=not getattr(st, "failed", False))
+        if self.stacks is _NO_STACKS:
+            self.stacks = {}
         self.stacks[name] = new
-        self._built_for[name] = built_for
-        self._requested[name] = requested
         return new
+
+    def _requested(self, name: str) -> Mapping[str, Any] | None:
+        st = self.stacks.get(name)
+        b = st.built_for if st is not None else None
+        return b[3] if b is not None else None
 
     def activate(self, name: str, options: Mapping[str, Any] | None = None,
                  rule: str | None = None) -> Stack:
@@ -193,7 +257,7 @@ class StackEngine:
         it was built with), and retire the cached stacks the change superseded."""
         st = None
         if self.stack_name:
-            st = self.activate(self.stack_name, self._requested.get(self.stack_name))
+            st = self.activate(self.stack_name, self._requested(self.stack_name))
         self.retire_stale()
         return st
 
@@ -203,7 +267,8 @@ class StackEngine:
         for name, st in list(self.stacks.items()):
             if st is self.active:
                 continue
-            target, iface, _ = self._built_for.get(name, (None, None, None))
+            b = st.built_for
+            target, iface = (b[0], b[1]) if b is not None else (None, None)
             if target != self.target_for(name) or iface != self.interface:
                 self._evict(name, st, retire=True)
 
@@ -211,12 +276,12 @@ class StackEngine:
         """Take ``st`` out of the cache: close it now, or ``RETIRE_S`` later."""
         if self.stacks.get(name) is st:
             del self.stacks[name]
-            self._built_for.pop(name, None)
-            self._requested.pop(name, None)
         if retire:
+            if self.retiring is _NO_RETIRING:
+                self.retiring = []
             self.retiring.append(st)
             try:
-                self.loop.call_later(RETIRE_S, self._retire_now, st)
+                self.env.loop.call_later(RETIRE_S, self._retire_now, st)
             except RuntimeError:  # the loop is closed
                 self._retire_now(st)
         else:
@@ -234,22 +299,21 @@ class StackEngine:
         except Exception:  # a stack's own bug must not stop the flow
             log.exception("closing stack %s of %s", st.name, self.key)
         m = st.metrics
-        t = self._closed_totals
+        t = self._closed
+        if t is None:
+            t = self._closed = [0, 0, 0, 0, 0, 0]
         t[0] += m.packets_out
         t[1] += m.bytes_out
         t[2] += m.packets_in
         t[3] += m.bytes_in
         t[4] += m.drops
-        self._closed_lost += m.lost
+        t[5] += m.lost
 
     def set_drop(self) -> None:
         self.dropping = True
         self.packet_mode = True
-        self.send = self._drop
-        self.send_many = self._drop
-
-    def _drop(self, _pkt: Any) -> None:
-        self.drops += 1
+        self.send = None
+        self.send_many = None
 
     def set_dscp(self, dscp: int) -> None:
         self.dscp = dscp
@@ -258,13 +322,13 @@ class StackEngine:
             if setter is not None:
                 setter(dscp)
 
-    def _stack_error(self, box: list[Stack], err: StackError) -> None:
-        st = box[0] if box else None
+    def _stack_error(self, st: Stack | None, err: StackError) -> None:
         self.last_error_fatal = st is not None and bool(getattr(st, "failed", False))
         if st is not None and self.last_error_fatal:
             self._failed(st)
-        if self._on_error is not None:
-            self._on_error(self, err)
+        on_error = self.env.on_error
+        if on_error is not None:
+            on_error(self, err)
 
     def _failed(self, st: Stack) -> None:
         """``st`` is gone for good: out of the cache, closed; the flow falls back if it
@@ -279,17 +343,17 @@ class StackEngine:
         self._evict(st.name, st, retire=False)
         if st is self.active:
             self.active = None
-            self.send = self._drop
-            self.send_many = self._drop
+            self.send = None
+            self.send_many = None
             self.packet_mode = True
         if not was_active:
             return
         failed, rule = st.name, self.rule
-        for name in dict.fromkeys((self.fallback, "udp", "raw")):
+        for name in dict.fromkeys((self.env.fallback, "udp", "raw")):
             if name == failed or not self.can_carry(name):
                 continue
             try:
-                self.activate(name, self._requested.get(name), rule="fallback")
+                self.activate(name, self._requested(name), rule="fallback")
             except EngineError as e:
                 log.warning("flow %s: fallback to %s failed: %s", self.key, name, e)
                 continue
@@ -305,16 +369,27 @@ class StackEngine:
     def handle(self, packet: bytes | memoryview, start: int, end: int) -> None:
         """A packet of this flow that did not take the fast path; ``packet[start:end]`` is
         its transport payload."""
-        if self.packet_mode:
-            self.send(packet)
+        send = self.send
+        if send is None:
+            self.drops += 1
+        elif self.packet_mode:
+            send(packet)
         else:
-            self.send(memoryview(packet)[start:end])
+            send(memoryview(packet)[start:end])
 
     # ------------------------------------------------------------------ counters
     def totals(self) -> tuple[int, int, int, int, int]:
         """(packets out, bytes out, packets in, bytes in, drops) over all its stacks."""
-        po, bo, pi, bi, dr = self._closed_totals
-        for st in (*self.stacks.values(), *self.retiring):
+        c = self._closed
+        po, bo, pi, bi, dr = (c[0], c[1], c[2], c[3], c[4]) if c is not None else _ZERO5
+        for st in self.stacks.values():
+            m = st.metrics
+            po += m.packets_out
+            bo += m.bytes_out
+            pi += m.packets_in
+            bi += m.bytes_in
+            dr += m.drops
+        for st in self.retiring:
             m = st.metrics
             po += m.packets_out
             bo += m.bytes_out
@@ -323,10 +398,24 @@ class StackEngine:
             dr += m.drops
         return po, bo, pi, bi, dr + self.drops
 
+    def activity(self) -> int:
+        """Packets out + in + dropped so far: the datapath's idle check (cheaper than
+        ``totals``; it runs for every flow at every tick)."""
+        c = self._closed
+        n = self.drops if c is None else self.drops + c[0] + c[2] + c[4]
+        for st in self.stacks.values():
+            m = st.metrics
+            n += m.packets_out + m.packets_in + m.drops
+        for st in self.retiring:
+            m = st.metrics
+            n += m.packets_out + m.packets_in + m.drops
+        return n
+
     def interval_loss(self) -> float:
         """Packets detected lost / packets sent since the previous call (0..1), over all
         the flow's stacks; stacks that do not detect loss (UDP) count as sent, not lost."""
-        sent, lost = self._closed_totals[0], self._closed_lost
+        c = self._closed
+        sent, lost = (c[0], c[5]) if c is not None else _ZERO2
         for st in (*self.stacks.values(), *self.retiring):
             refresh = getattr(st, "refresh_metrics", None)
             if refresh is not None:
@@ -345,14 +434,13 @@ class StackEngine:
 
     def close(self) -> None:
         stacks = [*self.stacks.values(), *self.retiring]
-        self.stacks.clear()
-        self._built_for.clear()
-        self.retiring.clear()
+        self.stacks = _NO_STACKS
+        self.retiring = _NO_RETIRING
         for st in stacks:  # a stack's own bug must not stop the others closing
             self._close(st)
         self.active = None
-        self.send = self._drop
-        self.send_many = self._drop
+        self.send = None
+        self.send_many = None
 
 
 def _one_by_one(send: Callable[[Any], None]) -> Callable[[list[memoryview]], None]:
