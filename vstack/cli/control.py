@@ -130,7 +130,9 @@ def why_cmd(flow: Annotated[str, typer.Argument(help="flow key, e.g. "
     if not entries:
         typer.echo(f"no decisions recorded for {flow}")
         return
-    table = Table(title=f"decisions for {_flow_arg(flow)}")
+    wid = result.get("worker") if isinstance(result, dict) else None
+    on = f" (worker {wid})" if isinstance(wid, int) and not isinstance(wid, bool) else ""
+    table = Table(title=f"decisions for {_flow_arg(flow)}{on}")
     extra = sorted({k for e in entries for k in e} - {"time", "rule", "stack", "facts"})
     for col in ("time (UTC)", "rule", "stack", *extra, "facts"):
         table.add_column(col, overflow="fold")
