@@ -45,7 +45,7 @@ class _Drop:
 async def _bed(selector: Any = None, **ex: Any) -> tuple[Datapath, socket.socket,
                                                          socket.socket, int, Any]:
     loop = asyncio.get_running_loop()
-    tr, echo = await loop.create_datagram_endpoint(Echo, local_addr=(LO, 0))
+    tr, _echo = await loop.create_datagram_endpoint(Echo, local_addr=(LO, 0))
     port = tr.get_extra_info("sockname")[1]
     cfg = Config()
     cfg.vnic.fwmark = 0
