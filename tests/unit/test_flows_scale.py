@@ -63,6 +63,10 @@ def _send(app: socket.socket, i: int, port: int, payload: bytes = b"x") -> None:
     app.send(build_udp(f"10.0.{i >> 8 & 255}.{i & 255}", LO, 1024 + i, port, payload))
 
 
+async def _created(dp: Datapath, n: int) -> None:
+    await until(lambda: dp.stats()["flows_created"] == n)
+
+
 def test_flows_are_freed_when_the_datapath_closes() -> None:
     async def main() -> None:
         n = 40
@@ -95,7 +99,7 @@ def test_the_table_never_holds_more_than_max_flows() -> None:
         try:
             for i in range(30):
                 _send(app, i, port)
-                await until(lambda i=i: dp.stats()["flows_created"] == i + 1)
+                await _created(dp, i + 1)
                 assert len(dp.table) <= 8
             s = dp.stats()
             assert s["flows"] == 8 and s["flows_evicted"] == 22
