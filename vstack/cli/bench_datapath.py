@@ -156,7 +156,8 @@ def throughput(
     nice: int = typer.Option(-10, "--nice", help="the daemon's execution.nice (priority "
                              "over the generator, as the kernel's forwarding has); 0: none"),
     sender: str = typer.Option("datagram", "--sender", help="datagram: one send per "
-                               "datagram; gso: UDP_SEGMENT super-packets (issue 6)"),
+                               "datagram; gso: UDP_SEGMENT super-packets (issue 6); mmsg: "
+                               "64 datagrams per sendmmsg (a cheaper per-datagram sender)"),
     stack: str = typer.Option("udp", "--stack", help="udp, or dccp (alternating with udp)"),
     workers: int = typer.Option(1, "--workers", help="vstack worker processes (TUN queues)"),
     flows: int = typer.Option(1, "--flows", help="generator flows (round robin)"),

@@ -4,7 +4,9 @@
 [--flows K]`` (the options of ``bench throughput``; :func:`run_throughput` does the work
 when any of them differs from the plain run): the generator in the edge netns sends
 1500-byte IP packets either one ``send`` each (``datagram``) or as UDP GSO super-packets
-(``gso``: one ``sendmsg`` with ``UDP_SEGMENT`` carrying 44 datagrams of 1472 B), over K
+(``gso``: one ``sendmsg`` with ``UDP_SEGMENT`` carrying 44 datagrams of 1472 B), or 64
+separate datagrams per ``sendmmsg`` (``mmsg``: per-datagram packets into the TUN, as
+``datagram``, for a generator that costs less CPU per datagram), over K
 flows (connected sockets, round robin), alternately directly (SO_MARK: bypass) and through
 vstack (``--workers`` worker processes on a multi-queue TUN). With ``--stack dccp`` the
 vstack runs alternate between the UDP stack and the DCCP stack (DCCP-UDP to ``vstack
@@ -60,11 +62,37 @@ for _ in range(flows):
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     s.connect((dst, port))
     socks.append(s)
-k = max(1, min(64, 65000 // size)) if gso else 1
+k = max(1, min(64, 65000 // size)) if gso == 1 else 64 if gso == 2 else 1
 buf = bytes(size * k)
 cmsg = [(17, 103, size.to_bytes(2, sys.byteorder))]  # UDP_SEGMENT
-if gso:
+if gso == 1:
     sends = [(lambda sm=s.sendmsg: sm([buf], cmsg)) for s in socks]
+elif gso == 2:  # mmsg: k separate datagrams per sendmmsg (one syscall, no GSO)
+    import ctypes
+    class Iov(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    class Hdr(ctypes.Structure):  # struct msghdr
+        _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                    ("iov", ctypes.POINTER(Iov)), ("iovlen", ctypes.c_size_t),
+                    ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                    ("flags", ctypes.c_int)]
+    class Msg(ctypes.Structure):  # struct mmsghdr
+        _fields_ = [("hdr", Hdr), ("len", ctypes.c_uint)]
+    cbuf = ctypes.create_string_buffer(size)
+    iov = Iov(ctypes.addressof(cbuf), size)
+    msgs = (Msg * k)()
+    for i in range(k):
+        msgs[i].hdr.iov, msgs[i].hdr.iovlen = ctypes.pointer(iov), 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    mm = libc.sendmmsg
+    mm.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    addr = ctypes.addressof(msgs)
+    def mk(fd):
+        def send():
+            if mm(fd, addr, k, 0) != k:  # partial or -1: counted as one failed batch
+                raise OSError(ctypes.get_errno(), "sendmmsg")
+        return send
+    sends = [mk(s.fileno()) for s in socks]
 else:
     sends = [(lambda se=s.send: se(buf)) for s in socks]
 per = max(1, 512 // k // len(sends))
@@ -116,7 +144,7 @@ def _config(name: str, stack: str, workers: int, nice: int, dst: str, offload: b
 
 
 def _one(tb: Any, mode: str, seconds: float, daemon_pid: int, dst: str, size: int,
-         gso: bool, flows: int) -> dict[str, float]:
+         gso: int, flows: int) -> dict[str, float]:
     from vstack.cli.bench_datapath import _measure
 
     argv = [sys.executable, "-c", GENERATOR, dst, str(SINK_PORT), str(seconds),
@@ -134,8 +162,8 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
     if offload is None:  # VSTACK_BENCH_OFFLOAD=0: the plain TUN, for comparison
         offload = os.environ.get("VSTACK_BENCH_OFFLOAD", "1") != "0"
 
-    if sender not in ("datagram", "gso") or stack not in ("udp", "dccp"):
-        typer.echo("vstack: error: --sender datagram|gso, --stack udp|dccp", err=True)
+    if sender not in ("datagram", "gso", "mmsg") or stack not in ("udp", "dccp"):
+        typer.echo("vstack: error: --sender datagram|gso|mmsg, --stack udp|dccp", err=True)
         raise typer.Exit(2)
     if runs < 1 or seconds <= 0 or not 1 <= workers <= 64 or flows < 1:
         typer.echo("vstack: error: --runs >= 1, --seconds > 0, --workers 1..64, --flows >= 1",
@@ -174,7 +202,7 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
                            + logpath.read_text()[-2000:], err=True)
                 raise typer.Exit(1)
             time.sleep(0.05)
-        gso = sender == "gso"
+        gso = {"datagram": 0, "gso": 1, "mmsg": 2}[sender]
         modes = ["direct", "udp"] + (["dccp"] if stack == "dccp" else [])
         res: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         current = "udp"
