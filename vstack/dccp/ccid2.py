@@ -32,6 +32,7 @@ from vstack.dccp import seq as sq
 from vstack.dccp.ackvector import AckRange, CellState
 
 NUMDUPACK = 3
+_HALF = 1 << 47  # half the 48-bit sequence space (§7.1)
 
 
 @dataclass(slots=True)
@@ -45,13 +46,6 @@ class Ccid2Config:
     clock_granularity: float = 0.001
     max_ack_ratio: int = 2
     numdupack: int = NUMDUPACK
-
-
-@dataclass(slots=True)
-class _Sent:
-    time: float
-    acked: bool = False
-    lost: bool = False
 
 
 @dataclass(slots=True)
@@ -81,8 +75,14 @@ class Ccid2Sender:
         self.cwnd: int = max(1, min(init, c.max_cwnd))
         self.ssthresh: int = 1 << 30
         self._ca_count = 0  # acks counted towards the next CA increase
-        self._out: OrderedDict[int, _Sent] = OrderedDict()  # data seqno -> state, in send order
-        self._pipe = 0
+        # data packets in flight (sent, neither acked nor lost): seqno -> send time, in
+        # send order (= circular seqno order). Acked and lost packets leave at once, so
+        # an ack costs O(packets it acknowledges), not O(window) (issue 6: with an ack
+        # every Ack Ratio packets the old O(cwnd) scan per ack was 3.6 us per data packet)
+        self._out: OrderedDict[int, float] = OrderedDict()
+        # the NUMDUPACK highest data seqnos ever acknowledged, newest first: a packet in
+        # flight below the last of them has NUMDUPACK later packets acknowledged (§5)
+        self._acked_hi: list[int] = []
         self.recovery_point: int | None = None  # highest seqno sent at the last reduction
         self._last_sent: int | None = None
         self.srtt: float | None = None
@@ -95,11 +95,11 @@ class Ccid2Sender:
     @property
     def pipe(self) -> int:
         """Data packets in flight: sent, not acknowledged, not declared lost."""
-        return self._pipe
+        return len(self._out)
 
     def can_send(self) -> bool:
         """§5: the sender may send a data packet only while pipe < cwnd."""
-        return self._pipe < self.cwnd
+        return len(self._out) < self.cwnd
 
     def set_max_cwnd(self, max_cwnd: int) -> None:
         self.config.max_cwnd = max(2, max_cwnd)
@@ -112,8 +112,7 @@ class Ccid2Sender:
     # ---- events --------------------------------------------------------
     def on_sent(self, seqno: int, now: float) -> None:
         """A data-carrying packet with ``seqno`` left."""
-        self._out[seqno] = _Sent(now)
-        self._pipe += 1
+        self._out[seqno] = now
         self._last_sent = seqno
         self.stats.sent += 1
         if self._rto_deadline is None:
@@ -126,47 +125,71 @@ class Ccid2Sender:
         only ``ackno`` itself counts as received).
         """
         res = AckResult()
-        if not self._out:
+        out = self._out
+        if not out:
             return res
-        acked: set[int] = set()
-        marked: set[int] = set()
+        ack_sent = out.get(ackno)  # the RTT sample's packet (RFC 6298 §2)
+        newly = res.newly_acked
+        marked: list[int] = []
         if ranges is None:
-            if ackno in self._out:
-                acked.add(ackno)
+            if ack_sent is not None:
+                newly.append(ackno)
         else:
-            self._match_ranges(ranges, acked, marked)
-        for s in acked:
-            ent = self._out[s]
-            if ent.acked:
-                continue
-            if not ent.lost:
-                self._pipe -= 1
-            ent.acked = True
-            res.newly_acked.append(s)
-        if not res.newly_acked:
+            # distances back from ackno: in-flight packets ascending = distances falling;
+            # the ranges come newest first, so reversed they are oldest first too
+            mask = sq.SEQ_MASK
+            rs = [((ackno - r.low) & mask, (ackno - r.high) & mask, r.state)
+                  for r in reversed(ranges)]
+            k, nr = 0, len(rs)
+            for s in out:
+                d = (ackno - s) & mask
+                if d >= _HALF:
+                    break  # sent after ackno: this ack says nothing about it
+                while k < nr and rs[k][1] > d:
+                    k += 1  # that range lies entirely before s
+                if k == nr:
+                    break  # no range reaches s or anything newer
+                lo_d, _hi_d, state = rs[k]
+                if lo_d >= d and state != CellState.NOT_RECEIVED:
+                    newly.append(s)
+                    if state == CellState.ECN_MARKED:
+                        marked.append(s)
+        if not newly:
             return res
-        self.stats.acked += len(res.newly_acked)
-        # RTT sample from the packet named by the Acknowledgement Number (RFC 6298 §2)
-        if ackno in acked and ackno in res.newly_acked:
-            self._rtt_sample(now - self._out[ackno].time)
-        ecn = [s for s in res.newly_acked if s in marked]
-        if ecn:
-            self.stats.ecn_marked += len(ecn)
-            self._reduce(ecn[0])
-        # window growth per newly acknowledged packet (§5)
-        for _ in res.newly_acked:
-            if self.cwnd < self.ssthresh:
-                self.cwnd += 1
-            else:
-                self._ca_count += 1
-                if self._ca_count >= self.cwnd:
-                    self._ca_count = 0
-                    self.cwnd += 1
-        self.cwnd = min(self.cwnd, self.config.max_cwnd)
-        res.lost = self._detect_losses()
-        self._gc()
-        self._rto_deadline = (now + self.rto) if self._pipe > 0 else None
+        for s in newly:
+            del out[s]
+        self.stats.acked += len(newly)
+        if ack_sent is not None and (ranges is None or ackno in newly):
+            self._rtt_sample(now - ack_sent)
+        if marked:
+            self.stats.ecn_marked += len(marked)
+            self._reduce(marked[0])
+        self._grow(len(newly))
+        res.lost = self._detect_losses(ackno, newly)
+        self._bound()
+        self._rto_deadline = (now + self.rto) if out else None
         return res
+
+    def _grow(self, n: int) -> None:
+        """§5: +1 per acknowledged packet in slow start, +1 per window in congestion
+        avoidance (the per-packet rule, summed)."""
+        cwnd = self.cwnd
+        if cwnd < self.ssthresh:
+            inc = min(n, self.ssthresh - cwnd)
+            cwnd += inc
+            n -= inc
+        ca = self._ca_count
+        while n > 0:
+            need = cwnd - ca
+            if n >= need:
+                n -= need
+                ca = 0
+                cwnd += 1
+            else:
+                ca += n
+                n = 0
+        self._ca_count = ca
+        self.cwnd = min(cwnd, self.config.max_cwnd)
 
     def on_ack_cumulative(self, ackno: int, now: float) -> AckResult:
         """Fallback when the peer sends no Ack Vectors: treat ``ackno`` as cumulative."""
@@ -177,35 +200,28 @@ class Ccid2Sender:
             return AckResult()
         return self.on_ack(ackno, [AckRange(ackno, low, CellState.RECEIVED)], now)
 
-    def _match_ranges(self, ranges: Sequence[AckRange], acked: set[int], marked: set[int]) -> None:
-        out = list(self._out)  # ascending (send order)
-        # ranges are descending and disjoint; walk both from the top
-        i = len(out) - 1
-        for r in ranges:
-            while i >= 0 and sq.gt(out[i], r.high):
-                i -= 1
-            while i >= 0 and sq.ge(out[i], r.low):
-                if r.state != CellState.NOT_RECEIVED:
-                    acked.add(out[i])
-                    if r.state == CellState.ECN_MARKED:
-                        marked.add(out[i])
-                i -= 1
-            if i < 0:
-                break
-
-    def _detect_losses(self) -> list[int]:
+    def _detect_losses(self, ackno: int, newly: list[int]) -> list[int]:
+        """A packet in flight is lost once NUMDUPACK data packets sent after it are
+        acknowledged (§5): it lies below the NUMDUPACK-th highest acknowledged seqno.
+        In flight is in seqno order, so the lost ones are at its front."""
+        mask = sq.SEQ_MASK
+        nd = self.config.numdupack
+        # newest first; a late, reordered ack (ackno below an earlier one) keeps them
+        hi = sorted({*self._acked_hi, *newly[-nd:]}, key=lambda s: (s - ackno + _HALF) & mask,
+                    reverse=True)[:nd]
+        self._acked_hi = hi
+        if len(hi) < nd:
+            return []
+        third = hi[-1]
         lost: list[int] = []
-        above = 0
-        for s in reversed(self._out):
-            ent = self._out[s]
-            if ent.acked:
-                above += 1
-            elif not ent.lost and above >= self.config.numdupack:
-                ent.lost = True
-                self._pipe -= 1
-                lost.append(s)
+        out = self._out
+        for s in out:
+            if (third - s) & mask >= _HALF or s == third:
+                break
+            lost.append(s)
         if lost:
-            lost.reverse()
+            for s in lost:
+                del out[s]
             self.stats.lost += len(lost)
             self._reduce(lost[0])
         return lost
@@ -220,18 +236,11 @@ class Ccid2Sender:
         self.recovery_point = self._last_sent
         self.stats.reductions += 1
 
-    def _gc(self) -> None:
-        while self._out:
-            s, ent = next(iter(self._out.items()))
-            if ent.acked or ent.lost:
-                del self._out[s]
-            else:
-                break
-        # keep the table bounded even if nothing resolves the head
-        while len(self._out) > 4 * self.config.max_cwnd + 64:
-            s, ent = self._out.popitem(last=False)
-            if not ent.acked and not ent.lost:
-                self._pipe -= 1
+    def _bound(self) -> None:
+        """Keep the table bounded even if nothing resolves its head."""
+        out = self._out
+        while len(out) > 4 * self.config.max_cwnd + 64:
+            out.popitem(last=False)
 
     def seed_rtt(self, r: float) -> None:
         """An RTT measured outside CCID2 (the handshake's Timestamp Echo, RFC 4340 §13)."""
@@ -251,16 +260,14 @@ class Ccid2Sender:
         self.rto = min(max(rto, c.min_rto), c.max_rto)
 
     def next_timer(self) -> float | None:
-        return self._rto_deadline if self._pipe > 0 else None
+        return self._rto_deadline if self._out else None
 
     def on_timeout(self, now: float) -> list[int]:
         """RTO expiry: everything in flight is lost, cwnd = 1, back off (RFC 6298 §5)."""
-        if self._rto_deadline is None or now < self._rto_deadline or self._pipe == 0:
+        if self._rto_deadline is None or now < self._rto_deadline or not self._out:
             return []
-        lost = [s for s, e in self._out.items() if not e.acked and not e.lost]
-        for s in lost:
-            self._out[s].lost = True
-        self._pipe = 0
+        lost = list(self._out)
+        self._out.clear()
         self.stats.lost += len(lost)
         self.stats.timeouts += 1
         self.ssthresh = max(self.cwnd // 2, 2)
@@ -269,7 +276,6 @@ class Ccid2Sender:
         self.recovery_point = self._last_sent
         self.rto = min(self.rto * 2, self.config.max_rto)
         self._rto_deadline = None
-        self._gc()
         return lost
 
     @property

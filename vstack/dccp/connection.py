@@ -461,6 +461,13 @@ class DccpConnection:
         return self.state in (State.PARTOPEN, State.OPEN)
 
     @property
+    def ack_due(self) -> bool:
+        """An ack should leave now (Ack Ratio data packets arrived, a Confirm is owed...):
+        an endpoint reading a long batch sends it at once instead of after the batch, so
+        the peer's window keeps moving (RFC 4341 §6.1: an ack per Ack Ratio packets)."""
+        return self._ack_now
+
+    @property
     def is_closed(self) -> bool:
         return self.state in (State.CLOSED, State.TIMEWAIT)
 

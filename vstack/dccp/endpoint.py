@@ -136,7 +136,13 @@ class DccpEndpoint:
         if self.closed:
             return
         self.conn.receive(pkt, self.now())
-        self.schedule()
+        if self.conn.ack_due:
+            # the Ack Ratio is reached in the middle of a read batch: ack now. One ack per
+            # batch (up to 256 packets) left a CCID2 sender with a window of 200 waiting a
+            # whole batch for each ack, both ends taking turns (issue 6, docs/speed.md)
+            self.pump()
+        else:
+            self.schedule()
 
     def send(self, data: bytes) -> bool:
         """Queue one datagram; False when the connection refused it (queue full / closed).
