@@ -304,6 +304,20 @@ def _rss_kb() -> int:
     return 0
 
 
+def _slab_kb() -> int | None:
+    """Kernel slab memory in use (KiB; root only): what a socket costs the kernel, which
+    RSS does not show (struct udp_sock, file, inode, dentry, epoll item, ...)."""
+    try:
+        lines = Path("/proc/slabinfo").read_text().splitlines()[2:]
+    except OSError:
+        return None
+    total = 0
+    for ln in lines:
+        f = ln.split()
+        total += int(f[1]) * int(f[3])  # active_objs * objsize
+    return total // 1024
+
+
 class _DropSelector:
     """Decides ``drop`` for every flow: the flow's state without a kernel socket."""
 
@@ -341,6 +355,7 @@ async def _flows_run(counts: list[int], sockets: bool = True) -> dict[str, Any]:
     # 10.x.y.z:p -> sink: a new 5-tuple per packet (built beforehand, outside the timing)
     gc.collect()
     rss0 = _rss_kb()
+    slab0 = _slab_kb()
     out: dict[str, Any] = {"points": []}
     made = 0
     t_total = 0.0
@@ -366,9 +381,23 @@ async def _flows_run(counts: list[int], sockets: bool = True) -> dict[str, Any]:
         del pkts
         gc.collect()
         rss = _rss_kb()
+        slab = _slab_kb()
         out["points"].append({"flows": target, "rss_mb": round(rss / 1024, 1),
                               "bytes_per_flow": round((rss - rss0) * 1024 / target),
-                              "new_flows_per_s": round(n_new / dt)})
+                              "new_flows_per_s": round(n_new / dt),
+                              # kernel memory (slab) per flow, not in RSS (other
+                              # processes' slab use is noise here)
+                              "kernel_bytes_per_flow": None if slab is None or slab0 is None
+                              else round((slab - slab0) * 1024 / target)})
+    # the periodic sweep (metrics + idle expiry, every metrics_interval_s; 1 s as by
+    # default) at the largest count: every flow new since the last tick, then every flow
+    # active at the previous tick but idle now, then all idle (the steady state: only
+    # the sweep's slice of idle flows is visited)
+    cfg.execution.metrics_interval_s = 1.0
+    for name in ("tick_ms_new", "tick_ms_hot", "tick_ms_steady"):
+        t0 = time.perf_counter()
+        dp.tick()
+        out[name] = round((time.perf_counter() - t0) * 1e3, 1)
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
     out["nofile_limit"] = nofile[0]
     dp.close()
@@ -402,6 +431,7 @@ def flows_cmd(
     counts = [c for c in (10_000, 100_000, 1_000_000) if c <= max_flows] or [max_flows]
     load0 = os.getloadavg()[0]
     series: dict[str, Any] = {}
+    flows_meta: dict[str, Any] = {}
     for name, sockets in (("udp", True), ("state", False)):
         # each series in a fresh process: RSS freed by one must not hide the other's
         code = ("import json; from vstack.cli.bench_speed import run_flows; "
@@ -412,21 +442,44 @@ def flows_cmd(
             typer.echo(f"vstack: error: bench flows ({name}): {p.stderr.strip()[-1500:]}",
                        err=True)
             raise typer.Exit(1)
-        series[name] = json.loads(p.stdout.strip().splitlines()[-1])["points"]
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        series[name] = res["points"]
+        flows_meta[name] = res
     udp = {p["flows"]: p for p in series["udp"]}
     state = {p["flows"]: p for p in series["state"]}
     ref_u = udp.get(100_000, series["udp"][-1])
+    ref_s = state.get(100_000, series["state"][-1])
+    # which series meets which target (issue 6): <= 1 KB per flow, 10^5 flows < 200 MB RSS,
+    # >= 20 000 new flows/s. RSS excludes the kernel's socket memory (kernel_*).
+    targets = {
+        "bytes_per_flow_le_1024": {"udp": ref_u["bytes_per_flow"] <= 1024,
+                                   "state": ref_s["bytes_per_flow"] <= 1024},
+        "rss_100k_lt_200mb": {"udp": (udp[100_000]["rss_mb"] < 200) if 100_000 in udp
+                              else None,
+                              "state": (state[100_000]["rss_mb"] < 200) if 100_000 in state
+                              else None},
+        "new_flows_ge_20000": {"udp": ref_u["new_flows_per_s"] >= 20_000,
+                               "state": ref_s["new_flows_per_s"] >= 20_000},
+    }
     out = {
         # UDP-stack flows (a connected socket each): the full per-flow cost
         "bytes_per_flow": ref_u["bytes_per_flow"],
         "rss_mb_100k": udp[100_000]["rss_mb"] if 100_000 in udp else None,
         "new_flows_per_s": ref_u["new_flows_per_s"],
         "udp_flows_measured": ref_u["flows"],
+        # the kernel's memory per UDP-stack flow (slab: socket, file, epoll item), not in RSS
+        "kernel_bytes_per_socket": ref_u.get("kernel_bytes_per_flow"),
         "open_file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         # the flow state alone (no socket)
         "state_bytes_per_flow": state.get(100_000, series["state"][-1])["bytes_per_flow"],
         "state_rss_mb_100k": state[100_000]["rss_mb"] if 100_000 in state else None,
         "state_new_flows_per_s": state.get(100_000, series["state"][-1])["new_flows_per_s"],
+        # one sweep (metrics + idle expiry, every metrics_interval_s) over the state flows
+        "state_tick_ms": {"flows": series["state"][-1]["flows"],
+                          "new": flows_meta["state"]["tick_ms_new"],
+                          "hot": flows_meta["state"]["tick_ms_hot"],
+                          "steady": flows_meta["state"]["tick_ms_steady"]},
+        "targets": targets,
         "udp": series["udp"],
         "state": series["state"],
         "loadavg": round(load0, 2),
@@ -436,7 +489,16 @@ def flows_cmd(
         return
     for name in ("udp", "state"):
         for p in series[name]:
+            kb = p.get("kernel_bytes_per_flow")
             typer.echo(f"{name:5s} {p['flows']:>8} flows: RSS {p['rss_mb']:7.1f} MB, "
-                       f"{p['bytes_per_flow']:6d} B/flow, {p['new_flows_per_s']:7d} new flows/s")
+                       f"{p['bytes_per_flow']:6d} B/flow, {p['new_flows_per_s']:7d} new flows/s"
+                       + (f", kernel {kb} B/flow (not in RSS)" if name == "udp" and kb else ""))
+    st = out["state_tick_ms"]
+    typer.echo(f"sweep (metrics + idle) over {st['flows']} flows: {st['new']} ms all new, "
+               f"{st['hot']} ms all active at the previous tick, {st['steady']} ms all idle")
+    for tname, met in targets.items():
+        typer.echo(f"target {tname}: " + ", ".join(
+            f"{k} {'met' if v else 'not measured' if v is None else 'MISSED'}"
+            for k, v in met.items()))
     typer.echo(f"open-file limit {out['open_file_limit']} (one socket per UDP flow); "
                f"load average {out['loadavg']}")
