@@ -27,7 +27,9 @@ def _drain(sock: UdpDccpSocket, want: int) -> list[RxDatagram]:
         except BlockingIOError:
             time.sleep(0.01)
             continue
-        if dg is not None:
+        if isinstance(dg, list):  # a UDP_GRO read: its datagrams in order
+            got.extend(dg)
+        elif dg is not None:
             got.append(dg)
     return got
 

@@ -677,6 +677,31 @@ class DccpConnection:
         handler: Handler = getattr(DccpConnection, tr.handler)
         handler(self, pkt, now)
 
+    def receive_data(self, seq: int, payload: bytes, now: float) -> None:
+        """:meth:`receive` for the commonest packet: a DCCP-Data with X=1 and no options
+        (``packet.plain_data`` finds one), whose ports the caller has matched to this
+        connection. In OPEN it runs the same §8.5 steps as ``receive`` for such a packet
+        (6: sequence validity, GSR; 8: ack vector; 16: deliver, Ack Ratio) without
+        building a DccpPacket (issue 6: the receive hot path); in any other state it
+        builds one and calls ``receive``."""
+        if self.state != State.OPEN:
+            self.receive(DccpPacket(type=PT.DATA, sport=self.dport, dport=self.sport,
+                                    seq=seq, payload=payload), now)
+            return
+        self.stats.packets_received += 1
+        sqs = self.seq
+        if not sqs.seq_valid(PT.DATA, seq):  # §8.5 step 6 (Data has no ack number)
+            self.stats.out_of_window += 1
+            self._send_sync(now, seq)
+            return
+        sqs.update_received(PT.DATA, seq, None)
+        self.ackvec.add(seq)  # step 8, as in receive()
+        self._rx_since_ack += 1
+        if self._osr is None:
+            self._osr = seq
+        self._rto_strikes = 0
+        self._on_data_payload(seq, payload, now)  # step 16: TRANSITIONS[OPEN, DATA]
+
     def _process_options(self, pkt: DccpPacket, now: float) -> bool:
         """§8.5 step 8: feature negotiation, Timestamps.  False if we reset."""
         if not pkt.options:
@@ -797,7 +822,10 @@ class DccpConnection:
             self._ack_now = True
 
     def _on_data(self, pkt: DccpPacket, now: float) -> None:
-        self._deliver(pkt)
+        self._on_data_payload(pkt.seq, pkt.payload, now)
+
+    def _on_data_payload(self, seq: int, payload: bytes, now: float) -> None:
+        self._deliver_payload(seq, payload)
         # ack policy (RFC 4341 §6.1): one ack per Ack Ratio data packets, else delayed
         self._data_since_ack += 1
         if self._data_since_ack >= max(1, self.features.remote[ft.ACK_RATIO]):
@@ -806,16 +834,19 @@ class DccpConnection:
             self._ack_at = now + self.config.ack_delay
 
     def _deliver(self, pkt: DccpPacket) -> None:
-        if pkt.seq in self._seen:
+        self._deliver_payload(pkt.seq, pkt.payload)
+
+    def _deliver_payload(self, seq: int, payload: bytes) -> None:
+        if seq in self._seen:
             self.stats.duplicates += 1
             return
-        self._seen.add(pkt.seq)
+        self._seen.add(seq)
         if len(self._seen) > 8 * max(self.seq.remote_window, 100):
             swl = self.seq.swl
             self._seen = {s for s in self._seen if sq.ge(s, swl)}
         self.stats.data_delivered += 1
-        self.stats.bytes_delivered += len(pkt.payload)
-        self._events.append(DatagramReceived(pkt.payload))
+        self.stats.bytes_delivered += len(payload)
+        self._events.append(DatagramReceived(payload))
 
     def _on_sync(self, pkt: DccpPacket, now: float) -> None:
         """§8.5 step 15 / §7.5.4: answer a Sync with a SyncAck acknowledging it."""

@@ -53,20 +53,24 @@ from typing import TYPE_CHECKING, Any
 
 from vstack.dccp import connection as dc
 from vstack.dccp.ccid2 import Ccid2Config
+from vstack.dccp.checksum import check as checksum_ok
 from vstack.dccp.connection import reset_reply
 from vstack.dccp.packet import (
+    DataEncoder,
     DccpPacket,
     DccpParseError,
     PacketType,
     ResetCode,
     decode,
     encode,
+    plain_data,
 )
 from vstack.dccp.transport import (
     DccpSocket,
     RawDccpSocket,
     RxDatagram,
     TransportError,
+    UdpDccpSocket,
     open_socket,
 )
 
@@ -115,14 +119,26 @@ class DccpEndpoint:
         self._timer_at: float | None = None
         self._pump_scheduled = False
         self.closed = False
+        # the send hot path: this connection's Data headers, one preallocated buffer
+        self._enc = DataEncoder(conn.sport, conn.dport)
+        self._txbuf = bytearray(_GSO_BYTES + 2048)
 
     # ------------------------------------------------------------------ inputs
     def now(self) -> float:
         return self.loop.time()
 
-    def feed(self, data: bytes, src: str, dst: str) -> None:
+    def feed(self, data: bytes | memoryview, src: str, dst: str) -> None:
         """One received DCCP packet (bytes) for this connection."""
         self.stats.rx_packets += 1
+        fast = plain_data(data)  # a plain DCCP-Data: no DccpPacket, no option parsing
+        if fast is not None and (not self._verify or checksum_ok(data, src, dst)):
+            conn = self.conn
+            if fast[0] == conn.dport and fast[1] == conn.sport:
+                if self.closed:
+                    return
+                conn.receive_data(fast[2], fast[3], self.now())
+                self._received()
+                return
         try:
             pkt = decode(data, src, dst, verify=self._verify)
         except DccpParseError as e:
@@ -136,6 +152,9 @@ class DccpEndpoint:
         if self.closed:
             return
         self.conn.receive(pkt, self.now())
+        self._received()
+
+    def _received(self) -> None:
         if self.conn.ack_due:
             # the Ack Ratio is reached in the middle of a read batch: ack now. One ack per
             # batch (up to 256 packets) left a CCID2 sender with a window of 200 waiting a
@@ -192,31 +211,11 @@ class DccpEndpoint:
         """Send what the connection has, hand out its events, re-arm its timer."""
         now = self.now()
         pkts = self.conn.packets_to_send(now)
-        if len(pkts) > 1:
-            # a window's worth at once: DCCP-UDP sends runs of equal-size packets with
-            # one UDP_SEGMENT sendmsg (issue 6); raw DCCP one sendto each
-            datas = []
-            for pkt in pkts:
-                try:
-                    datas.append(_encode(self.sock, pkt, self.local_ip, self.remote_ip))
-                except ValueError:
-                    self.stats.tx_dropped += 1
+        if pkts:
             try:
-                ok_n = self.sock.sendto_many(datas, self.remote_ip, self.udp_port)
+                self._send_packets(pkts)
             except TransportError:
-                ok_n = 0
-            self.stats.tx_packets += ok_n
-            self.stats.tx_dropped += len(datas) - ok_n
-        for pkt in pkts if len(pkts) == 1 else ():
-            try:
-                data = _encode(self.sock, pkt, self.local_ip, self.remote_ip)
-                ok = self.sock.sendto(data, self.remote_ip, self.udp_port)
-            except (TransportError, ValueError):
-                ok = False
-            if ok:
-                self.stats.tx_packets += 1
-            else:
-                self.stats.tx_dropped += 1
+                self.stats.tx_dropped += len(pkts)
         while True:
             ev = self.conn.next_event()
             if ev is None:
@@ -236,6 +235,73 @@ class DccpEndpoint:
             self._timer = self.loop.call_at(max(t, now), self._on_timer)
 
 
+    def _send_packets(self, pkts: list[DccpPacket]) -> None:
+        """Put ``pkts`` on the wire in order. Plain Data/DataAck (no options: nearly all of
+        a bulk transfer) are packed by the connection's :class:`DataEncoder` into one
+        preallocated buffer, no per-packet objects (issue 6): DCCP-UDP sends each run of
+        equal-size packets from it with one ``UDP_SEGMENT`` sendmsg; raw DCCP packs each
+        with its checksum and sends it from the buffer. Others go through ``encode``."""
+        sock, enc, buf = self.sock, self._enc, self._txbuf
+        st = self.stats
+        remote, uport = self.remote_ip, self.udp_port
+        plain = DataEncoder.plain
+        if isinstance(sock, UdpDccpSocket):
+            mv = memoryview(buf)
+            off = seg = count = 0
+            for pkt in pkts:
+                if plain(pkt) and pkt.sport == enc.sport and pkt.dport == enc.dport:
+                    ln = (16 if pkt.ack is None else 24) + len(pkt.payload)
+                    if count and (ln > seg or off + ln > _GSO_BYTES or count >= _GSO_SEGS):
+                        ok = sock.send_packed(mv[:off], seg, remote, uport)
+                        st.tx_packets += ok
+                        st.tx_dropped += count - ok
+                        off = count = 0
+                    if not count:
+                        seg = ln
+                    off += enc.pack_into(buf, off, pkt.seq, pkt.payload, pkt.ack)
+                    count += 1
+                    if ln == seg:
+                        continue  # a shorter one ends the run: it is flushed below
+                if count:
+                    ok = sock.send_packed(mv[:off], seg, remote, uport)
+                    st.tx_packets += ok
+                    st.tx_dropped += count - ok
+                    off = count = 0
+                    if plain(pkt) and pkt.sport == enc.sport and pkt.dport == enc.dport:
+                        continue  # it was the short end of that run
+                self._send_one(pkt)
+            if count:
+                ok = sock.send_packed(mv[:off], seg, remote, uport)
+                st.tx_packets += ok
+                st.tx_dropped += count - ok
+            return
+        local = self.local_ip
+        for pkt in pkts:  # raw DCCP: no GSO; pack with the checksum, send from the buffer
+            if plain(pkt) and pkt.sport == enc.sport and pkt.dport == enc.dport:
+                n = enc.pack_into(buf, 0, pkt.seq, pkt.payload, pkt.ack, local, remote)
+                if sock.sendto(memoryview(buf)[:n], remote, uport):
+                    st.tx_packets += 1
+                else:
+                    st.tx_dropped += 1
+            else:
+                self._send_one(pkt)
+
+    def _send_one(self, pkt: DccpPacket) -> None:
+        try:
+            data = _encode(self.sock, pkt, self.local_ip, self.remote_ip)
+            ok = self.sock.sendto(data, self.remote_ip, self.udp_port)
+        except (TransportError, ValueError):
+            ok = False
+        if ok:
+            self.stats.tx_packets += 1
+        else:
+            self.stats.tx_dropped += 1
+
+
+_GSO_SEGS = 64  # UDP GSO: at most 64 segments and 64 KB per sendmsg
+_GSO_BYTES = 65000
+
+
 def _encode(sock: DccpSocket, pkt: DccpPacket, local_ip: str, remote_ip: str) -> bytes:
     """``pkt``'s bytes for ``sock``: with the DCCP checksum (raw), or with the field left zero
     for DCCP-UDP (RFC 6773 §3.3: the kernel's UDP checksum covers it)."""
@@ -245,7 +311,7 @@ def _encode(sock: DccpSocket, pkt: DccpPacket, local_ip: str, remote_ip: str) ->
 
 
 # --------------------------------------------------------------------------- client
-def _ports(data: bytes) -> tuple[int, int] | None:
+def _ports(data: bytes | memoryview) -> tuple[int, int] | None:
     if len(data) < 12:
         return None
     sp, dp = struct.unpack_from("!HH", data, 0)

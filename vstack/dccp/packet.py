@@ -40,6 +40,7 @@ __all__ = [
     "DCCP_UDP_MIN_LEN",
     "DCCP_UDP_PORT",
     "MAX_SEQ",
+    "DataEncoder",
     "DccpChecksumError",
     "DccpEncodeError",
     "DccpOptionError",
@@ -60,6 +61,7 @@ __all__ = [
     "encode_data_into",
     "encode_udp",
     "header_length",
+    "plain_data",
     "zero_dccp_checksum",
 ]
 
@@ -338,7 +340,72 @@ def encode_data(
     return bytes(buf)
 
 
+class DataEncoder:
+    """One connection's DCCP-Data / DataAck headers, packed into the caller's (preallocated)
+    buffer: the send hot path of issue 6. The fixed fields (ports, Data Offset, type, X=1,
+    CCVal 0, CsCov 0, no options) are bound once; each packet costs one precompiled
+    ``pack_into`` and the payload's copy, no objects. Byte for byte what :func:`encode`
+    writes for the same packet (a Hypothesis test checks it). The checksum field is zero
+    (DCCP-UDP, RFC 6773 §3.3) unless the pseudo-header addresses are given (raw DCCP)."""
+
+    __slots__ = ("dport", "sport")
+
+    def __init__(self, sport: int, dport: int) -> None:
+        if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+            raise DccpEncodeError("ports must be 0-65535")
+        self.sport = sport
+        self.dport = dport
+
+    @staticmethod
+    def plain(pkt: DccpPacket) -> bool:
+        """``pkt`` is one this encoder writes (else use :func:`encode`)."""
+        return (pkt.type is PacketType.DATA or pkt.type is PacketType.DATAACK) and (
+            pkt.x and not pkt.options and not pkt.cscov and not pkt.ccval)
+
+    def pack_into(self, buf: bytearray, offset: int, seq: int,
+                  payload: bytes | bytearray | memoryview, ack: int | None = None,
+                  src_ip: Address | None = None, dst_ip: Address | None = None) -> int:
+        """Write the packet at ``offset`` (``buf`` must have room); returns its length."""
+        if ack is None:
+            hlen = 16
+            _DATA_HDR.pack_into(buf, offset, self.sport, self.dport, 4, 0, 0, _DATA_X, 0,
+                                seq >> 32, seq & 0xFFFFFFFF)
+        else:
+            hlen = 24
+            _DATAACK_HDR.pack_into(buf, offset, self.sport, self.dport, 6, 0, 0, _DATAACK_X,
+                                   0, seq >> 32, seq & 0xFFFFFFFF, 0, ack >> 32,
+                                   ack & 0xFFFFFFFF)
+        n = hlen + len(payload)
+        buf[offset + hlen:offset + n] = payload
+        if src_ip is not None and dst_ip is not None:
+            csum = internet_checksum(memoryview(buf)[offset:offset + n],
+                                     pseudo_sum(src_ip, dst_ip, n))
+            buf[offset + 6] = csum >> 8
+            buf[offset + 7] = csum & 0xFF
+        return n
+
+
 # --- decode ------------------------------------------------------------------------------
+
+
+_DATA_HDR = struct.Struct("!HHBBHBBHI")
+_DATAACK_HDR = struct.Struct("!HHBBHBBHIHHI")
+_DATAACK_X = (PacketType.DATAACK << 1) | 1
+_DATA_X = (PacketType.DATA << 1) | 1  # byte 8 of an X=1 DCCP-Data
+_UNPACK_SEQ = struct.Struct("!HI").unpack_from
+
+
+def plain_data(data: bytes | bytearray | memoryview) -> tuple[int, int, int, bytes] | None:
+    """The fast receive path (issue 6): ``(sport, dport, seq, payload)`` when ``data`` is
+    a DCCP-Data with X=1, no options (Data Offset 4 words) and CsCov 0, else None (use
+    :func:`decode`). The checksum is not looked at: for DCCP-UDP it is ignored (RFC 6773
+    §3.3); raw DCCP callers verify it first. One copy: the payload, as bytes."""
+    if len(data) < 16 or data[8] != _DATA_X or data[4] != 4 or data[5] & 0x0F:
+        return None
+    hi, lo = _UNPACK_SEQ(data, 10)
+    return ((data[0] << 8) | data[1], (data[2] << 8) | data[3], (hi << 32) | lo,
+            bytes(data[16:]))
+
 
 
 def decode(

@@ -45,6 +45,8 @@ from vstack.dccp.packet import DCCP_UDP_MIN_LEN, DccpParseError, check_udp_paylo
 
 _SOL_UDP = 17
 _UDP_SEGMENT = 103  # linux/udp.h: UDP GSO segment size (u16 cmsg)
+_UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams; cmsg (int) = segment size
+_ANC_SIZE = 128  # ancillary space: IP(V6)_PKTINFO + UDP_GRO
 _GSO_MAX_SEGS = 64
 _GSO_MAX_BYTES = 65000
 _BYTEORDER = sys.byteorder
@@ -68,7 +70,8 @@ class RxDatagram:
 
     src: str  # remote IP address
     dst: str  # our IP address, as on the wire
-    data: bytes  # the DCCP packet, generic header (with the DCCP ports) first
+    data: bytes | memoryview  # the DCCP packet, generic header (DCCP ports) first; DCCP-UDP
+    # with UDP_GRO: a memoryview into the coalesced read (valid as long as it is referenced)
     udp_port: int = 0  # DCCP-UDP: the remote UDP port (raw: 0)
 
 
@@ -116,6 +119,7 @@ class SocketStats:
     tx_drops: int = 0  # EAGAIN/ENOBUFS on send
     tx_gso: int = 0  # DCCP-UDP: sendmsg calls with UDP_SEGMENT (several packets each)
     rx_bad: int = 0  # too short / unparsable IP header
+    rx_gro: int = 0  # DCCP-UDP: reads that returned several coalesced datagrams (UDP_GRO)
     rx_errors: int = 0
 
 
@@ -190,16 +194,23 @@ class DccpSocket(abc.ABC):
                 return
             if dg is None:
                 continue
+            if isinstance(dg, list):  # DCCP-UDP with UDP_GRO: the segments of one read
+                self.stats.rx += len(dg)
+                if cb is not None:
+                    for d in dg:
+                        cb(d)
+                continue
             self.stats.rx += 1
             if cb is not None:
                 cb(dg)
 
     @abc.abstractmethod
-    def recv_one(self) -> RxDatagram | None:
-        """Read one datagram (non-blocking); None for one that is not ours / malformed."""
+    def recv_one(self) -> RxDatagram | list[RxDatagram] | None:
+        """Read one datagram (non-blocking); None for one that is not ours / malformed.
+        DCCP-UDP with UDP_GRO may return the list of datagrams one read coalesced."""
 
     @abc.abstractmethod
-    def sendto(self, data: bytes, remote: str, udp_port: int = 0) -> bool:
+    def sendto(self, data: bytes | memoryview, remote: str, udp_port: int = 0) -> bool:
         """Send one encoded DCCP packet; False when the kernel dropped it (counted)."""
 
     def sendto_many(self, datas: list[bytes], remote: str, udp_port: int = 0) -> int:
@@ -207,7 +218,7 @@ class DccpSocket(abc.ABC):
         ``sendto`` each (DCCP-UDP batches them, see :class:`UdpDccpSocket`)."""
         return sum(1 for d in datas if self.sendto(d, remote, udp_port))
 
-    def _send(self, data: bytes, addr: tuple[str, int]) -> bool:
+    def _send(self, data: bytes | memoryview, addr: tuple[str, int]) -> bool:
         try:
             self.sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
@@ -332,7 +343,7 @@ class RawDccpSocket(DccpSocket):
             dst = self._bound or "::"
         return RxDatagram(str(addr[0]).split("%", 1)[0], dst, data)
 
-    def sendto(self, data: bytes, remote: str, udp_port: int = 0) -> bool:
+    def sendto(self, data: bytes | memoryview, remote: str, udp_port: int = 0) -> bool:
         return self._send(data, (remote, 0))
 
 
@@ -361,7 +372,7 @@ class UdpDccpSocket(DccpSocket):
     dccp_checksum = False
 
     def __init__(self, family: int, bind: str | None = None, port: int = 0, fwmark: int = 0,
-                 device: str | None = None, bufsize: int = 4 << 20) -> None:
+                 device: str | None = None, bufsize: int = 4 << 20, gro: bool = True) -> None:
         super().__init__(family, fwmark, device)
         s = socket.socket(family, socket.SOCK_DGRAM)
         self._apply_opts(s)
@@ -376,6 +387,7 @@ class UdpDccpSocket(DccpSocket):
         else:
             s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         self.filtered = _attach_filter(s, _UDP_FILTER)  # before bind: nothing slips past
+        self.gro = gro and _enable_gro(s)
         host = bind or ("::" if family == socket.AF_INET6 else "0.0.0.0")
         try:
             s.bind((host, port))
@@ -389,25 +401,51 @@ class UdpDccpSocket(DccpSocket):
     def source_for(self, remote: str) -> str:
         return self._bound or super().source_for(remote)
 
-    def recv_one(self) -> RxDatagram | None:
-        data, anc, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, 64)
+    def recv_one(self) -> RxDatagram | list[RxDatagram] | None:
+        """One read: one datagram, or with UDP_GRO the datagrams the kernel coalesced (the
+        UDP_GRO cmsg gives the segment size; every segment but the last has it). The
+        segments are memoryviews of the one buffer the read returned: no copies."""
+        data, anc, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, _ANC_SIZE)
         dst = ""
+        seg = 0
         for level, typ, cdata in anc:
             if level == socket.IPPROTO_IPV6 and typ == IPV6_PKTINFO and len(cdata) >= 16:
                 dst = socket.inet_ntop(socket.AF_INET6, cdata[:16])
             elif level == socket.IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= 12:
                 # struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
                 dst = socket.inet_ntop(socket.AF_INET, cdata[8:12])
+            elif level == _SOL_UDP and typ == _UDP_GRO and len(cdata) >= 4:
+                seg = int.from_bytes(cdata[:4], _BYTEORDER)
         if not dst:
             dst = self._bound or ""
+        src = str(addr[0]).split("%", 1)[0]
+        port = int(addr[1])
+        if 0 < seg < len(data):
+            self.stats.rx_gro += 1
+            return self._split(data, seg, src, dst, port)
         try:
             check_udp_payload(data)  # RFC 6773 §3.3: the DCCP header fits the UDP Length
         except DccpParseError:
             self.stats.rx_bad += 1
             return None
-        return RxDatagram(str(addr[0]).split("%", 1)[0], dst, data, int(addr[1]))
+        return RxDatagram(src, dst, data, port)
 
-    def sendto(self, data: bytes, remote: str, udp_port: int = 0) -> bool:
+    def _split(self, data: bytes, seg: int, src: str, dst: str,
+               port: int) -> list[RxDatagram]:
+        """The datagrams of a GRO read, in order; each checked as one (RFC 6773 §3.3)."""
+        mv = memoryview(data)
+        out: list[RxDatagram] = []
+        for i in range(0, len(data), seg):
+            d = mv[i:i + seg]
+            try:
+                check_udp_payload(d)
+            except DccpParseError:
+                self.stats.rx_bad += 1
+                continue
+            out.append(RxDatagram(src, dst, d, port))
+        return out
+
+    def sendto(self, data: bytes | memoryview, remote: str, udp_port: int = 0) -> bool:
         """Send the DCCP packet ``data`` (ports and all) to UDP port ``udp_port`` of
         ``remote``. Its DCCP Checksum field goes out as zero (RFC 6773 §3.3)."""
         if len(data) < 12:
@@ -415,7 +453,7 @@ class UdpDccpSocket(DccpSocket):
         if not 0 < udp_port < 65536:
             raise TransportError(errno.EINVAL, f"DCCP-UDP needs the peer's UDP port ({udp_port})")
         if data[6] or data[7]:
-            data = data[:6] + b"\0\0" + data[8:]
+            data = bytes(data[:6]) + b"\0\0" + bytes(data[8:])
         return self._send(data, (remote, udp_port))
 
     gso = True  # UDP_SEGMENT batches (issue 6); off once the kernel refuses one
@@ -450,25 +488,53 @@ class UdpDccpSocket(DccpSocket):
             i = j
         return sent
 
-    def _send_gso(self, run: list[bytes], size: int, addr: tuple[str, int]) -> int:
+    def send_packed(self, buf: memoryview, seg: int, remote: str, udp_port: int) -> int:
+        """Send the DCCP packets packed back to back in ``buf``: each ``seg`` bytes, the
+        last maybe shorter (a UDP GSO run, built by the endpoint's preallocated encoder).
+        One ``sendmsg`` with ``UDP_SEGMENT`` (one ``sendto`` each where GSO is refused).
+        Returns how many left."""
+        if not 0 < udp_port < 65536:
+            raise TransportError(errno.EINVAL, f"DCCP-UDP needs the peer's UDP port ({udp_port})")
+        addr = (remote, udp_port)
+        count = -(-len(buf) // seg)
+        if count == 1 or not self.gso:
+            return sum(1 for i in range(0, len(buf), seg) if self._send(buf[i:i + seg], addr))
+        return self._send_gso([buf], seg, addr, count,
+                              lambda: [buf[i:i + seg] for i in range(0, len(buf), seg)])
+
+    def _send_gso(self, run: list[bytes] | list[memoryview], size: int, addr: tuple[str, int],
+                  count: int = 0, one_by_one: Callable[[], list[memoryview]] | None = None
+                  ) -> int:
+        count = count or len(run)
         try:
             self.sock.sendmsg(run, [(_SOL_UDP, _UDP_SEGMENT, size.to_bytes(2, _BYTEORDER))],
                               0, addr)
         except (BlockingIOError, InterruptedError):
-            self.stats.tx_drops += len(run)
+            self.stats.tx_drops += count
             return 0
         except OSError as e:
             if e.errno in (errno.ENOBUFS, errno.EAGAIN):
-                self.stats.tx_drops += len(run)
+                self.stats.tx_drops += count
                 return 0
             if e.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT,
                            errno.EMSGSIZE):
                 self.gso = False  # this kernel / route: one by one from now on
-                return sum(1 for d in run if self._send(d, addr))
+                parts = one_by_one() if one_by_one is not None else run
+                return sum(1 for d in parts if self._send(d, addr))
             raise TransportError(e.errno, f"send to {addr[0]}: {e.strerror}") from e
-        self.stats.tx += len(run)
+        self.stats.tx += count
         self.stats.tx_gso += 1
-        return len(run)
+        return count
+
+
+def _enable_gro(s: socket.socket) -> bool:
+    """Ask for coalesced receives (UDP_GRO, Linux 5.0); False where the kernel refuses:
+    then every read is one datagram, as before."""
+    try:
+        s.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _attach_filter(s: socket.socket, prog: tuple[tuple[int, int, int, int], ...]) -> bool:
