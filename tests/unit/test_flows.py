@@ -196,3 +196,32 @@ def test_memory_per_flow_is_small() -> None:
         tracemalloc.stop()
     assert len(t) == n
     assert per_flow < 300, per_flow
+
+
+def test_recent_entry_touch_last() -> None:
+    t: FlowTable[str, int] = FlowTable(idle_timeout=10, max_flows=10)
+    for i, k in enumerate("abcd"):
+        t.insert(k, i, float(i))
+    assert t.recent(2.0) == [("d", 3), ("c", 2)]  # most recent first, stops at b
+    assert t.recent(9.0) == [] and t.keys() == ["a", "b", "c", "d"]
+    assert t.entry("b") == (1, 1.0) and t.entry("zz") is None
+    assert t.touch_last("a", 5.0) == 0.0 and t.touch_last("zz", 5.0) is None
+    assert t.keys() == ["b", "c", "d", "a"] and t.last_seen("a") == 5.0
+    assert t.recent(4.0) == [("a", 0)]
+
+
+def test_expire_asks_keep_before_a_flow_goes() -> None:
+    t: FlowTable[str, int] = FlowTable(idle_timeout=5, max_flows=10)
+    for i, k in enumerate("abc"):
+        t.insert(k, i, float(i))
+    asked: list[str] = []
+
+    def keep(k: str, v: int) -> bool:
+        asked.append(k)
+        return k == "a"  # a had traffic the table was not told of
+
+    assert t.expire(6.5, keep) == [("b", 1)]  # c (last 2.0) is not due yet
+    assert asked == ["a", "b"] and t.keys() == ["c", "a"] and t.last_seen("a") == 6.5
+    assert t.counters().expired == 1
+    assert t.expire(11.5, keep) == [("c", 2)] and t.keys() == ["a"]  # a: kept again
+    assert t.expire(100.0) == [("a", 0)] and len(t) == 0

@@ -257,3 +257,51 @@ def test_reader_mux_calls_the_readable_ones_and_gives_its_epoll_back() -> None:
             b.close()
 
     asyncio.run(main())
+
+
+def test_the_sweep_visits_idle_flows_in_slices_and_never_expires_an_active_one(
+        monkeypatch: Any) -> None:
+    """Above ``COLD_PER_TICK`` flows, flows idle at the previous tick are checked a slice
+    per tick: a cold flow that had traffic is noticed within a round (metrics over its
+    own interval), and expiry asks a due flow for traffic first."""
+    import vstack.datapath as dpm
+
+    monkeypatch.setattr(dpm, "COLD_PER_TICK", 3)
+
+    async def main() -> None:
+        dp, app, tun, port, tr = await _bed(idle_timeout_s=100.0)
+        dp.config.execution.metrics_interval_s = 1.0  # rounds <= 100 / 1 / 4 = 25 ticks
+        events: list[Event] = []
+        dp.metrics_listeners.append(events.append)
+        try:
+            for i in range(10):
+                _send(app, i, port)
+            await until(lambda: dp.stats()["flows_created"] == 10)
+            t = time.monotonic() + 1000
+            dp.tick(t)  # all new: all checked, all active
+            assert len([e for e in events if e.type == "flow.metrics"]) == 10
+            dp.tick(t + 1)  # all active at the previous tick: all checked, none active
+            events.clear()
+            _send(app, 4, port, b"later")  # a cold flow gets traffic
+            await until(lambda: dp.stats()["fast_packets"] >= 1)
+            seen = 0
+            for k in range(2, 6):  # a round of 10 cold flows takes 4 ticks of 3
+                dp.tick(t + k)
+                seen += len([e for e in events if e.type == "flow.metrics"])
+                events.clear()
+            assert seen == 1
+            assert dp.stats()["flows"] == 10
+            # flow 4 was seen active at some tick in t+2..t+5: its interval is its own
+            _send(app, 5, port, b"just before expiry")
+            await until(lambda: dp.stats()["fast_packets"] >= 2)
+            dp.tick(t + 101)  # due: 1..8 (last t+1); 5 had traffic: kept
+            left = {e.fields["sport"] for e in events if e.type == "flow.metrics"}
+            assert left == {1029} and dp.stats()["flows"] == 2  # 4 (seen later) and 5
+            assert dp.stats()["flows_expired"] == 8
+        finally:
+            dp.close()
+            tr.close()
+            app.close()
+            tun.close()
+
+    asyncio.run(main())

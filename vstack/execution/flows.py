@@ -26,7 +26,7 @@ Design (measured, see ``docs/analysis.md``)
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -139,6 +139,36 @@ class FlowTable(Generic[K, V]):
         for k, e in self._d.items():
             yield k, e.value
 
+    def keys(self) -> list[K]:
+        """A snapshot of the keys, least recently used first (one C-level copy)."""
+        return list(self._d)
+
+    def recent(self, since: float) -> list[tuple[K, V]]:
+        """The flows touched (or inserted) at or after ``since``, most recent first; it
+        walks back from the most recent end, so it costs O(result + 1)."""
+        out: list[tuple[K, V]] = []
+        for k, e in reversed(self._d.items()):  # no key hashing (FlowKey hashes in Python)
+            if e.last < since:
+                break
+            out.append((k, e.value))
+        return out
+
+    def entry(self, key: K) -> tuple[V, float] | None:
+        """(value, last seen) of ``key`` without touching it, or ``None``; one lookup."""
+        e = self._d.get(key)
+        return None if e is None else (e.value, e.last)
+
+    def touch_last(self, key: K, now: float) -> float | None:
+        """Like :meth:`touch`, but returns when ``key`` was last seen before (``None`` and
+        no change if absent)."""
+        e = self._d.get(key)
+        if e is None:
+            return None
+        last = e.last
+        e.last = now
+        self._d.move_to_end(key)
+        return last
+
     def oldest(self) -> tuple[K, V, float] | None:
         """The least recently used flow (key, value, last seen), or ``None`` if empty."""
         for k, e in self._d.items():
@@ -161,8 +191,12 @@ class FlowTable(Generic[K, V]):
         self._d.clear()
         return out
 
-    def expire(self, now: float) -> list[tuple[K, V]]:
-        """Remove and return the flows idle for at least ``idle_timeout`` at ``now``, LRU first."""
+    def expire(self, now: float,
+               keep: Callable[[K, V], bool] | None = None) -> list[tuple[K, V]]:
+        """Remove and return the flows idle for at least ``idle_timeout`` at ``now``, LRU
+        first. ``keep(key, value)``, asked for each of them before it goes: True keeps
+        the flow and touches it at ``now`` (the caller found activity the table had not
+        been told of)."""
         d = self._d
         limit = now - self.idle_timeout
         out: list[tuple[K, V]] = []
@@ -171,8 +205,13 @@ class FlowTable(Generic[K, V]):
             e = d[k]
             if e.last > limit:
                 break
-            del d[k]
-            out.append((k, e.value))
+            if keep is not None and keep(k, e.value) and d.get(k) is e:
+                e.last = now
+                d.move_to_end(k)
+                continue
+            if d.get(k) is e:
+                del d[k]
+                out.append((k, e.value))
         self.expired += len(out)
         return out
 
