@@ -286,3 +286,31 @@ def test_rules_reload_and_management_events_reach_both_engines(tb: Any, tmp: Pat
     assert rc == 0, d.text()[-3000:]
     assert dccp_pkts > 0
     assert d.proc is not None and d.proc.returncode != -signal.SIGKILL
+
+
+def test_one_worker_is_the_plain_daemon(tb: Any, tmp: Path) -> None:
+    """``queues = 1`` (``--workers 1``): no fork, no link, the control socket answers from
+    the one process (no ``worker`` tags)."""
+    l1 = tb.links[0]
+    d = Daemon(tb, tmp, (
+        "[execution]\nmetrics_interval_s = 0.5\n"
+        f'[nat."{VDST}:9000"]\nudp = "{l1.server4}:9000"\n'))
+    d.cfg.write_text(d.cfg.read_text().replace(f'name = "{d.name}"\n',
+                                               f'name = "{d.name}"\nqueues = 1\n', 1))
+    echo = tb.popen(tb.server, [PY, "-c", ECHO, f"{l1.server4}:9000"],
+                    stdout=subprocess.PIPE, text=True)
+    wait_line(echo, "ready")
+    d.start()
+    try:
+        app = _multi(tb, 45000, 3)
+        flows = _flows_from(d, 45000)
+        assert all("worker" not in f for f in flows.values())
+        assert "workers" not in d.call("flows") and "workers" not in d.stats()
+        app.communicate(timeout=30)
+        key = sorted(flows)[0]
+        assert d.call("switch", flow=key, stack="udp") == {"flow": key, "stack": "udp"}
+    finally:
+        rc = d.stop()
+        stop_json(echo)
+    assert rc == 0, d.text()[-3000:]
+    assert "workers: pids" not in d.text() and " w0 " not in d.text()

@@ -159,18 +159,30 @@ def throughput(
                                "datagram; gso: UDP_SEGMENT super-packets (issue 6); mmsg: "
                                "64 datagrams per sendmmsg (a cheaper per-datagram sender)"),
     stack: str = typer.Option("udp", "--stack", help="udp, or dccp (alternating with udp)"),
-    workers: int = typer.Option(1, "--workers", help="vstack worker processes (TUN queues)"),
+    workers: str = typer.Option("1", "--workers", help="vstack worker processes (TUN "
+                                "queues); N,M: both, alternating in one invocation"),
     flows: int = typer.Option(1, "--flows", help="generator flows (round robin)"),
     payload: int = typer.Option(0, "--payload", help="datagram payload (0: 1472, dccp 1400)"),
 ) -> None:
     """Goodput of 1500-byte packets through vstack vs. the direct kernel path."""
     from vstack.testbed import Testbed, TestbedError
 
-    if (sender, stack, workers, flows, payload) != ("datagram", "udp", 1, 1, 0):
+    try:
+        counts = [int(w) for w in workers.split(",")]
+    except ValueError:
+        typer.echo(f"vstack: error: --workers: N or N,M,..., not {workers!r}", err=True)
+        raise typer.Exit(2) from None
+    if len(counts) > 1:
+        from vstack.cli.bench_speed import run_workers_ratio
+
+        run_workers_ratio(seconds=seconds, runs=runs, as_json=as_json, ipv6=ipv6, nice=nice,
+                          sender=sender, counts=counts, flows=flows, payload=payload)
+        return
+    if (sender, stack, counts[0], flows, payload) != ("datagram", "udp", 1, 1, 0):
         from vstack.cli.bench_speed import run_throughput  # issue 6 variants
 
         run_throughput(seconds=seconds, runs=runs, as_json=as_json, ipv6=ipv6, nice=nice,
-                       sender=sender, stack=stack, workers=workers, flows=flows,
+                       sender=sender, stack=stack, workers=counts[0], flows=flows,
                        payload=payload)
         return
 

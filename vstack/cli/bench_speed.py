@@ -296,6 +296,108 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
         typer.echo(ln)
 
 
+
+def run_workers_ratio(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice: int,
+                      sender: str, counts: list[int], flows: int, payload: int) -> None:
+    """``--workers 1,2``: the same load through vstack with each worker count, alternating
+    within one invocation (the daemon restarted for each run with ``queues`` = the count),
+    and the direct path between them; the speed-up of the last count over the first is a
+    ratio of medians of the same invocation."""
+    from vstack.cli.bench_datapath import SINK
+    from vstack.testbed import Testbed, TestbedError
+
+    if sender not in ("datagram", "gso", "mmsg") or runs < 1 or seconds <= 0 or flows < 1 \
+            or len(set(counts)) != len(counts) or not all(1 <= c <= 64 for c in counts):
+        typer.echo("vstack: error: --sender datagram|gso|mmsg, --runs >= 1, --seconds > 0, "
+                   "--flows >= 1, --workers N,M,... (distinct, 1..64)", err=True)
+        raise typer.Exit(2)
+    size = payload or (1452 if ipv6 else 1472)
+    gso = {"datagram": 0, "gso": 1, "mmsg": 2}[sender]
+    try:
+        tb = Testbed(prefix="vb")
+    except TestbedError as e:
+        typer.echo(f"vstack: error: {e}", err=True)
+        raise typer.Exit(1) from None
+    load0 = os.getloadavg()[0]
+    modes = ["direct"] + [f"w{c}" for c in counts]
+    res: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    with tb, tempfile.TemporaryDirectory() as tmp:
+        dst = tb.links[0].server6 if ipv6 else tb.links[0].server4
+        sink = tb.popen(tb.server, [sys.executable, "-c", SINK, str(SINK_PORT)],
+                        stdout=subprocess.PIPE, text=True)
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        cfg = Path(tmp) / "bench.toml"
+        logpath = Path(tmp) / "daemon.log"
+
+        def start(n: int) -> subprocess.Popen[bytes]:
+            cfg.write_text(_config("vstk0", "udp", n, nice, dst, True))
+            before = logpath.read_text().count("vstack ready") if logpath.exists() else 0
+            with logpath.open("a") as logf:
+                daemon = tb.popen(tb.edge, [sys.executable, "-m", "vstack", "run", "--config",
+                                            str(cfg)], stdout=logf, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 30
+            while True:
+                text = logpath.read_text()
+                if text.count("vstack ready") > before and (
+                        n == 1 or text.count(f"worker {n - 1} ready") > 0):
+                    return daemon
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    typer.echo("vstack: error: the daemon did not start:\n" + text[-2000:],
+                               err=True)
+                    raise typer.Exit(1)
+                time.sleep(0.05)
+
+        for i in range(runs):
+            for mode in (modes if i % 2 == 0 else modes[::-1]):
+                if mode == "direct":
+                    r = _one(tb, mode, seconds, 0, dst, size, gso, flows)
+                else:
+                    daemon = start(int(mode[1:]))
+                    try:
+                        _one(tb, "udp", 0.5, daemon.pid, dst, size, gso, flows)  # new flows
+                        r = _one(tb, "udp", seconds, daemon.pid, dst, size, gso, flows)
+                    finally:
+                        daemon.terminate()
+                        daemon.wait(15)
+                res[mode].append(r)
+                if not as_json:
+                    typer.echo(f"run {i + 1} {mode:6s}: {r['gbps']:6.2f} Gbit/s "
+                               f"{r['pps'] / 1e3:7.1f} kpps loss {r['loss'] * 100:5.1f}%"
+                               + (f" vstack CPU {r['cpu']:5.1f}%" if mode != "direct" else "")
+                               + f" generator CPU {r['gen_cpu']:5.1f}%")
+
+    def med(mode: str, k: str) -> float:
+        return statistics.median(r[k] for r in res[mode])
+
+    first, last = f"w{counts[0]}", f"w{counts[-1]}"
+    out: dict[str, Any] = {
+        "direct_gbps": round(med("direct", "gbps"), 3),
+        "vstack_gbps": round(med(last, "gbps"), 3),
+        "gbps_by_workers": {m[1:]: round(med(m, "gbps"), 3) for m in modes[1:]},
+        "pps_by_workers": {m[1:]: round(med(m, "pps")) for m in modes[1:]},
+        "loss_by_workers": {m[1:]: round(med(m, "loss"), 4) for m in modes[1:]},
+        "vstack_cpu_pct_by_workers": {m[1:]: round(med(m, "cpu"), 1) for m in modes[1:]},
+        "generator_cpu_pct_by_workers": {m[1:]: round(med(m, "gen_cpu"), 1)
+                                         for m in modes[1:]},
+        "direct_generator_cpu_pct": round(med("direct", "gen_cpu"), 1),
+        "workers_speedup": round(med(last, "gbps") / max(med(first, "gbps"), 1e-9), 3),
+        "ratio": round(med(last, "gbps") / max(med("direct", "gbps"), 1e-9), 3),
+        "runs": runs, "seconds": seconds, "payload_bytes": size, "family": 6 if ipv6 else 4,
+        "nice": nice, "sender": sender, "stack": "udp", "workers": counts, "flows": flows,
+        "offload": True, "loadavg_start": round(load0, 2),
+        "loadavg_end": round(os.getloadavg()[0], 2),
+    }
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"direct : {out['direct_gbps']:.2f} Gbit/s")
+    for m in modes[1:]:
+        typer.echo(f"{m[1:]} worker(s): {med(m, 'gbps'):.2f} Gbit/s, vstack CPU "
+                   f"{med(m, 'cpu'):.0f}%, generator CPU {med(m, 'gen_cpu'):.0f}%")
+    typer.echo(f"{counts[-1]} workers / {counts[0]}: {out['workers_speedup']:.3f} "
+               f"({sender} sender, {flows} flow(s), medians of {runs} runs)")
+    typer.echo(f"load average {out['loadavg_start']} -> {out['loadavg_end']}")
+
 # ---------------------------------------------------------------------------- flows
 def _rss_kb() -> int:
     for ln in Path("/proc/self/status").read_text().splitlines():
