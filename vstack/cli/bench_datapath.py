@@ -109,19 +109,22 @@ def _sink_counter(tb: Any) -> tuple[int, int]:
 
 
 def _measure(tb: Any, argv: list[str], seconds: float, ticks: Callable[[], int], size: int,
-             vstack: bool) -> dict[str, float]:
+             vstack: bool,
+             counter: Callable[[Any], tuple[int, int]] | None = None) -> dict[str, float]:
     """Run the generator ``argv`` (it prints one JSON line) in the edge netns; count what
-    reached the sink and the CPU ticks ``ticks()`` (vstack's) over the run. Shared by
-    ``bench throughput`` and its issue 6 variants (``bench_speed``)."""
+    reached the sink (``counter``, default the server netns' UDP MIB) and the CPU ticks
+    ``ticks()`` (vstack's) over the run. Shared by ``bench throughput`` and its issue 6
+    variants (``bench_speed``)."""
+    sink_count = counter or _sink_counter
     clk = os.sysconf("SC_CLK_TCK")
-    p0, _ = _sink_counter(tb)
+    p0, _ = sink_count(tb)
     c0 = ticks()
     t0 = time.monotonic()
     g = tb.run(tb.edge, argv, timeout=seconds + 60)
     time.sleep(0.3)  # let the last packets drain through vstack
     wall = time.monotonic() - t0
     c1 = ticks()
-    p1, _ = _sink_counter(tb)
+    p1, _ = sink_count(tb)
     gen = json.loads(g.stdout.strip().splitlines()[-1])
     got = p1 - p0
     el = gen["elapsed"]

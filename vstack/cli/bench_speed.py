@@ -13,8 +13,9 @@ vstack runs alternate between the UDP stack and the DCCP stack (DCCP-UDP to ``vs
 serve dccp --udp-encap``; the default stack is switched by a config rewrite + SIGHUP
 before each run, so each run's new flow takes it), so the DCCP/UDP ratio comes from the
 same run. Goodput is counted at the server netns' UDP MIB (``InDatagrams`` +
-``RcvbufErrors``: every datagram that reached a socket; for DCCP-UDP these are the DCCP
-packets, nearly all Data/DataAck). Every figure is the median of ``--runs`` alternating
+``RcvbufErrors``: every datagram that reached a socket); DCCP runs count the data
+packets the DCCP peer received (its ``--count-file``: with UDP_GRO one InDatagrams can
+carry 64 DCCP-UDP packets). Every figure is the median of ``--runs`` alternating
 runs; ratios are taken between medians of the same invocation.
 
 ``vstack bench flows [--json]``: the per-flow cost. An in-process :class:`Datapath` on a
@@ -144,13 +145,24 @@ def _config(name: str, stack: str, workers: int, nice: int, dst: str, offload: b
 
 
 def _one(tb: Any, mode: str, seconds: float, daemon_pid: int, dst: str, size: int,
-         gso: int, flows: int) -> dict[str, float]:
+         gso: int, flows: int, dccp_count: Path | None = None) -> dict[str, float]:
     from vstack.cli.bench_datapath import _measure
 
     argv = [sys.executable, "-c", GENERATOR, dst, str(SINK_PORT), str(seconds),
             str(0x5654 if mode == "direct" else 0), str(size), str(int(gso)), str(flows)]
+    # DCCP: the peer's own count of the data it received (its socket uses UDP_GRO: one
+    # read, one InDatagrams in the UDP MIB, carries up to 64 DCCP-UDP packets)
+    counter = ((lambda _tb: _dccp_count(dccp_count))
+               if mode == "dccp" and dccp_count is not None else None)
     return _measure(tb, argv, seconds, lambda: _tree_ticks(daemon_pid), size,
-                    mode != "direct")
+                    mode != "direct", counter)
+
+
+def _dccp_count(path: Path) -> tuple[int, int]:
+    """``vstack serve dccp --count-file``: "packets bytes" the peer has received."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(path.read_text().split()[0]), 0
+    return 0, 0
 
 
 def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice: int,
@@ -184,9 +196,12 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
         if stack == "dccp":
             tb.popen(tb.server, [sys.executable, "-m", "vstack", "serve", "dccp", "--port",
-                                 str(DCCP_PORT), "--udp-encap"] + (["--ipv6"] if ipv6 else []),
+                                 str(DCCP_PORT), "--udp-encap", "--count-file",
+                                 str(Path(tmp) / "dccp.count")]
+                     + (["--ipv6"] if ipv6 else []),
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.5)
+        dccp_count = Path(tmp) / "dccp.count" if stack == "dccp" else None
         cfg = Path(tmp) / "bench.toml"
         cfg.write_text(_config("vstk0", "udp", workers, nice, dst, offload))
         logpath = Path(tmp) / "daemon.log"
@@ -217,7 +232,7 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
 
         for st in modes[1:]:  # warm-up: the first packet of a flow takes the slow path
             use(st)
-            _one(tb, st, 0.5, daemon.pid, dst, size, gso, flows)
+            _one(tb, st, 0.5, daemon.pid, dst, size, gso, flows, dccp_count)
         prof_dir = os.environ.get("VSTACK_PROFILE", "")  # py-spy the daemon: run 1
         for i in range(runs):
             order = modes if i % 2 == 0 else modes[::-1]
@@ -230,7 +245,7 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
                          "-d", str(max(1, int(seconds) - 1)), "-p", str(daemon.pid), "-o",
                          str(Path(prof_dir) / f"{sender}-{mode}-w{workers}.txt")],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                r = _one(tb, mode, seconds, daemon.pid, dst, size, gso, flows)
+                r = _one(tb, mode, seconds, daemon.pid, dst, size, gso, flows, dccp_count)
                 if spy is not None:
                     spy.wait(30)
                 res[mode].append(r)

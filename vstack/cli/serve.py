@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import os
 import signal
 import socket
 import sys
@@ -152,8 +153,28 @@ async def _report_loop(counter: BinCounter, label: str, stop: asyncio.Event,
         last_p, last_b = p, b
 
 
+async def _count_file_loop(counter: BinCounter, path: str, stop: asyncio.Event) -> None:
+    """Keep ``path`` holding "packets bytes" (replaced atomically every 50 ms while it
+    changes, and at the end): what a benchmark reads before and after a run. The
+    application's own count: with UDP_GRO one socket read (one InDatagrams in the UDP
+    MIB) carries up to 64 DCCP-UDP packets."""
+    last: tuple[int, int] | None = None
+    tmp = f"{path}.tmp"
+    while True:
+        now = (counter.packets, counter.bytes)
+        if now != last:
+            Path(tmp).write_text(f"{now[0]} {now[1]}\n")
+            os.replace(tmp, path)
+            last = now
+        if stop.is_set():
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.05)
+
+
 async def _serve(start: Callable[[], Any], counter: BinCounter, label: str, seconds: float,
-                 csv_path: str | None, extra_of: Callable[[Any], str] | None = None) -> Any:
+                 csv_path: str | None, extra_of: Callable[[Any], str] | None = None,
+                 count_file: str | None = None) -> Any:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,6 +184,8 @@ async def _serve(start: Callable[[], Any], counter: BinCounter, label: str, seco
     print(f"{label} ready", flush=True)
     extra = (lambda: extra_of(server)) if extra_of else None
     reporter = asyncio.create_task(_report_loop(counter, label, stop, extra))
+    counting = (asyncio.create_task(_count_file_loop(counter, count_file, stop))
+                if count_file else None)
     try:
         if seconds > 0:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -172,6 +195,8 @@ async def _serve(start: Callable[[], Any], counter: BinCounter, label: str, seco
     finally:
         stop.set()
         await reporter
+        if counting is not None:
+            await counting
         server.close()
         if csv_path:
             counter.write_csv(csv_path)
@@ -212,6 +237,9 @@ def serve_dccp(
     service: str = typer.Option("0x44434350", "--service", help="service code to accept"),
     csv_path: str | None = typer.Option(None, "--csv", help="write packets per 10 ms here"),
     seconds: float = typer.Option(0.0, "--seconds", help="stop after N seconds (0: never)"),
+    count_file: str | None = typer.Option(
+        None, "--count-file",
+        help="keep 'packets bytes' received in this file (updated every 50 ms)"),
 ) -> None:
     """DCCP (CCID2) sink or echo on raw IP protocol 33, or DCCP-UDP with --udp-encap."""
     try:
@@ -239,7 +267,7 @@ def serve_dccp(
         return f"conns={len(server.connections)} accepted={server.accepted}{more}"
 
     try:
-        asyncio.run(_serve(start, counter, label, seconds, csv_path, extra))
+        asyncio.run(_serve(start, counter, label, seconds, csv_path, extra, count_file))
     except OSError as e:
         print(f"vstack serve dccp: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
