@@ -718,6 +718,8 @@ class Datapath:
         self.nat.update(config.nat)
         if isinstance(self.selector, StaticSelector):
             self.selector.set_default(config.execution.default_stack)
+        if self._env is not None:  # where a failed stack's flow falls back to
+            self._env.fallback = config.execution.default_stack
         for key, e in list(self.table.items()):
             try:
                 if (e.rule == "static" and key.proto == UDP and not e.dropping

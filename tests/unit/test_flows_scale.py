@@ -305,3 +305,25 @@ def test_the_sweep_visits_idle_flows_in_slices_and_never_expires_an_active_one(
             tun.close()
 
     asyncio.run(main())
+
+
+def test_a_reload_changes_the_fallback_stack_all_flows_share() -> None:
+    async def main() -> None:
+        dp, app, tun, port, tr = await _bed()
+        try:
+            _send(app, 1, port)
+            await until(lambda: dp.stats()["flows_created"] == 1)
+            _key, e = next(iter(dp.table.items()))
+            assert e.env.fallback == "udp"
+            cfg = Config()
+            cfg.vnic = dp.config.vnic
+            cfg.execution.default_stack = "udplite"
+            dp.reload(cfg)
+            assert e.env.fallback == "udplite" and e.stack_name == "udplite"
+        finally:
+            dp.close()
+            tr.close()
+            app.close()
+            tun.close()
+
+    asyncio.run(main())
