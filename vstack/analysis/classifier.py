@@ -155,10 +155,10 @@ def _ports(p: IPPacket) -> tuple[int, int]:
 def _key(p: IPPacket, direction: Direction) -> tuple[FlowKey, int, int]:
     sp, dp = _ports(p)
     if direction is Direction.APP_TO_NET:
-        return FlowKey(p.proto, p.src, sp, p.dst, dp), sp, dp
+        return _new_key(p.proto, p.src, sp, p.dst, dp), sp, dp
     if p.proto == ICMP or p.proto == ICMPV6:  # the echo identifier names both directions
-        return FlowKey(p.proto, p.dst, sp, p.src, dp), sp, dp
-    return FlowKey(p.proto, p.dst, dp, p.src, sp), dp, sp
+        return _new_key(p.proto, p.dst, sp, p.src, dp), sp, dp
+    return _new_key(p.proto, p.dst, dp, p.src, sp), dp, sp
 
 
 def classify(buf: bytes | bytearray | memoryview,
@@ -187,10 +187,14 @@ def reverse(key: FlowKey) -> FlowKey:
 def flow_new_event(cls: Classification, now: float, *, iface: str = "",
                    stack: str = "") -> Event:
     """The ``flow.new`` event for the first packet of a flow."""
-    return Event("flow.new", now, cls.fields(iface=iface, stack=stack), cls.key)
+    return _new_event("flow.new", now, cls.fields(iface=iface, stack=stack), cls.key)
 
 
+# the per-new-flow objects skip the dataclasses' __init__ (object.__setattr__ per field:
+# about twice as slow; issue 6, bench flows)
 _new_cls = fast_constructor(Classification)
+_new_key = fast_constructor(FlowKey)
+_new_event = fast_constructor(Event)
 _PORTED = frozenset({UDP, TCP, UDPLITE})
 
 
