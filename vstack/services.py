@@ -485,16 +485,21 @@ def merge_flows(parts: Mapping[int, Any]) -> dict[str, Any]:
     return out
 
 
+_NOT_SUMMED = frozenset({"run_id", "queue_max", "rules_version", "uptime_s"})  # identities
+
+
 def sum_counters(dicts: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Key-wise sums of numeric values (nested dicts recursively); a non-numeric value is
-    kept if every dict agrees on it, else the list of the values."""
+    """Key-wise sums of numeric values (nested dicts recursively); a non-numeric value, or
+    an identity such as ``run_id``, is kept if every dict agrees on it, else the list of
+    the values."""
     out: dict[str, Any] = {}
     keys: list[str] = []
     for d in dicts:
         keys.extend(k for k in d if k not in keys)
     for k in keys:
         vals = [d[k] for d in dicts if k in d]
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
+        if k not in _NOT_SUMMED and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                        for v in vals):
             out[k] = sum(vals)
         elif all(isinstance(v, Mapping) for v in vals):
             out[k] = sum_counters(vals)
@@ -506,15 +511,17 @@ def sum_counters(dicts: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def merge_stats(parent: Mapping[str, Any], per: Mapping[int, Any]) -> dict[str, Any]:
-    """``stats`` of the whole daemon: the parent's own (management, monitor, control),
-    ``datapath`` / ``engine`` / ``log`` summed over the workers that answered, and every
-    worker's under ``workers``; unreachable ones under ``unavailable``."""
+    """``stats`` of the whole daemon: the parent's own (management, monitor, control, and
+    ``log``: the configured decision log, whose ``run_id`` readers use), ``datapath`` /
+    ``engine`` summed over the workers that answered and ``log_total`` (every worker's
+    log), and every worker's own under ``workers``; unreachable ones under
+    ``unavailable``."""
     ok = {w: s for w, s in per.items() if isinstance(s, Mapping)}
     out = dict(parent)
-    for part in ("datapath", "engine", "log"):
+    for part, key in (("datapath", "datapath"), ("engine", "engine"), ("log", "log_total")):
         vals = [s[part] for _w, s in sorted(ok.items()) if isinstance(s.get(part), Mapping)]
         if vals:
-            out[part] = sum_counters(vals)
+            out[key] = sum_counters(vals)
     out["workers"] = {str(w): {k: s[k] for k in ("datapath", "engine", "log") if k in s}
                       for w, s in sorted(ok.items())}
     bad = {str(w): str(s) for w, s in sorted(per.items()) if isinstance(s, Exception)}

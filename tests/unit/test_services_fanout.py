@@ -379,6 +379,12 @@ def test_merge_helpers() -> None:
                        1: WorkerUnavailable("gone"), 2: {"flows": [], "log_dropped": 1}})
     assert out == {"flows": [{"flow": "f", "worker": 0}], "workers": 3, "log_dropped": 3,
                    "unavailable": {"1": "gone"}}
-    st_ = merge_stats({"uptime_s": 1, "datapath": {"x": 1}, "control": {"requests": 1}},
-                      {0: {"datapath": {"x": 1}}, 1: {"datapath": {"x": 4}}})
+    st_ = merge_stats({"uptime_s": 1, "datapath": {"x": 1}, "control": {"requests": 1},
+                       "log": {"run_id": 7, "written": 2}},
+                      {0: {"datapath": {"x": 1}, "log": {"run_id": 7, "written": 2}},
+                       1: {"datapath": {"x": 4}, "log": {"run_id": 1, "written": 3}}})
     assert st_["datapath"] == {"x": 5} and st_["control"] == {"requests": 1}
+    # the configured log stays the parent's (its run id), the sums are beside it
+    assert st_["log"] == {"run_id": 7, "written": 2}
+    assert st_["log_total"] == {"run_id": [7, 1], "written": 5}
+    assert sum_counters([{"run_id": 3}, {"run_id": 3}]) == {"run_id": 3}
