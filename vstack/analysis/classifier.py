@@ -115,8 +115,9 @@ class Classification:
         this rather than its ``flow.new`` fields dict: 32 bytes instead of ~500; issue 6).
         :func:`note_fields` gives the fields back. Only meaningful for APP_TO_NET packets
         (whose ports are the key's)."""
-        return (min(self.length, _M20) | min(self.payload_len, _M20) << 20
-                | (self.dscp & 0x3F) << 40 | tcp_flags_value(self.tcp_flags) << 46)
+        n, pl, f = self.length, self.payload_len, self.tcp_flags
+        return ((n if n < _M20 else _M20) | (pl if pl < _M20 else _M20) << 20
+                | (self.dscp & 0x3F) << 40 | (tcp_flags_value(f) if f else 0) << 46)
 
 
 _M20 = (1 << 20) - 1

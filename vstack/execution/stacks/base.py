@@ -59,6 +59,9 @@ class StackContext:
 
 class Stack(abc.ABC):
     name: ClassVar[str]
+    # "payload": the stack carries the UDP payload (needs the flow's endpoint);
+    # "packet": whole IP packets (raw). Declared here so that looking it up is cheap.
+    carries: ClassVar[str] = "payload"
     # one per flow and stack: no instance dict where a subclass declares slots too
     # (UdpStack); ``built_for`` is the stack engine's note of what it was built for
     __slots__ = ("__weakref__", "built_for", "ctx", "metrics")
