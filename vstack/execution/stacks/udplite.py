@@ -27,6 +27,7 @@ and GRO stay off.
 
 from __future__ import annotations
 
+import _socket
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -52,7 +53,7 @@ def cscov(stack: str, opts: dict[str, Any], key: str) -> int:
     return v
 
 
-def set_cscov(s: socket.socket, send: int, recv: int) -> None:
+def set_cscov(s: _socket.socket, send: int, recv: int) -> None:
     if send:
         s.setsockopt(IPPROTO_UDPLITE, UDPLITE_SEND_CSCOV, send)
     if recv:
@@ -83,5 +84,5 @@ class UdpLiteStack(UdpStack):
         self.send_cscov: int = o["send_cscov"]
         self.recv_cscov: int = o["recv_cscov"]
 
-    def _configure(self, s: socket.socket) -> None:
+    def _configure(self, s: _socket.socket) -> None:
         set_cscov(s, self.send_cscov, self.recv_cscov)
