@@ -183,7 +183,9 @@ class WorkerLink:
         self._writer = self._reader = None
         self._sock = None
 
-    async def request(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+    async def request(self, method: str, params: Mapping[str, Any] | None = None, *,
+                      timeout: float | None = None) -> Any:
+        wait = self.timeout if timeout is None else timeout
         if self.dead is not None:
             raise WorkerUnavailable(f"{self!r} is unavailable: {self.dead}")
         async with self._lock:
@@ -200,11 +202,11 @@ class WorkerLink:
                     self._reader, self._writer = await asyncio.open_unix_connection(
                         sock=self._sock, limit=LINK_LINE)
                 self._writer.write(line)
-                resp = await asyncio.wait_for(self._answer(rid), self.timeout)
+                resp = await asyncio.wait_for(self._answer(rid), wait)
             except TimeoutError:
                 self.counters["timeouts"] += 1
                 raise WorkerUnavailable(f"{self!r} did not answer {method!r} within "
-                                        f"{self.timeout:g}s") from None
+                                        f"{wait:g}s") from None
             except (OSError, EOFError, ValueError) as e:
                 raise self._gone(f"its link failed ({type(e).__name__}: {e}); the worker "
                                  "has probably exited") from None
@@ -253,6 +255,19 @@ class WorkerLink:
         self._close_transport()
         if self.dead is None:
             self.dead = "the daemon is stopping"
+
+
+async def check_links(links: Sequence[WorkerLink], timeout: float = 30.0) -> str | None:
+    """Ask every worker once (at start): None if all answer, else what went wrong with the
+    first that does not (it died while starting: its log lines say why)."""
+    for link in links:
+        try:
+            await link.request("stats", timeout=timeout)
+        except WorkerUnavailable as e:
+            return f"{e} (it did not start; see its log lines)"
+        except WorkerError:
+            pass  # it answered
+    return None
 
 
 async def serve_link(sock: socket.socket,
@@ -385,7 +400,8 @@ async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int,
     if cfg.log.db or cfg.log.record:
         from vstack.log.recorder import open_sink
 
-        sink = open_sink(worker_db(cfg.log.db, wid), {"config": cfg.vnic.name, "worker": wid},
+        sink = open_sink(worker_db(cfg.log.db, wid),
+                         {"config": {"name": cfg.vnic.name, "worker": wid}},
                          worker_db(cfg.log.record, wid))
     engine: Any = None
     driver: Any = None

@@ -314,3 +314,49 @@ def test_one_worker_is_the_plain_daemon(tb: Any, tmp: Path) -> None:
         stop_json(echo)
     assert rc == 0, d.text()[-3000:]
     assert "workers: pids" not in d.text() and " w0 " not in d.text()
+
+
+def test_every_worker_logs_and_one_that_cannot_start_fails_the_daemon(tb: Any,
+                                                                      tmp: Path) -> None:
+    """``[log] db``: worker 1 writes ``<db>-w1`` (its flows' decisions), ``vstack learn``'s
+    reader finds both files; a worker whose log cannot open stops the daemon (exit 1)."""
+    import sqlite3
+
+    from vstack.workers import worker_db, worker_dbs
+
+    l1 = tb.links[0]
+    db = tmp / "log.sqlite"
+    d = Daemon(tb, tmp, (
+        "[execution]\nmetrics_interval_s = 0.5\n"
+        f'[log]\ndb = "{db}"\n'
+        f'[nat."{VDST}:9000"]\nudp = "{l1.server4}:9000"\n'))
+    echo = tb.popen(tb.server, [PY, "-c", ECHO, f"{l1.server4}:9000"],
+                    stdout=subprocess.PIPE, text=True)
+    wait_line(echo, "ready")
+    _start(d)
+    try:
+        app = _multi(tb, 46000, 3)
+        flows = _flows_from(d, 46000)
+        app.communicate(timeout=30)
+        per = _per_worker(flows)
+        assert set(per) == {0, 1}, per
+    finally:
+        assert d.stop() == 0, d.text()[-3000:]
+    w1 = Path(worker_db(str(db), 1))
+    assert worker_dbs(f"sqlite:///{db}") == [f"sqlite:///{db}", f"sqlite:///{w1}"]
+    for path, wid in ((db, 0), (w1, 1)):
+        with sqlite3.connect(path) as c:
+            logged = {r[0] for r in c.execute("select distinct flow from decisions "
+                                              "where flow is not null")
+                      if re.search(r":460\d\d->", r[0])}
+        assert logged == {k for k, f in flows.items() if f["worker"] == wid}, (wid, logged)
+
+    # worker 1's log cannot open (a directory in its place): the daemon fails, says why
+    w1.unlink()
+    w1.mkdir()
+    p = tb.run(tb.edge, [PY, "-m", "vstack", "run", "--config", str(d.cfg)], check=False,
+               timeout=60)
+    stop_json(echo)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "worker 1" in p.stderr and "did not start" in p.stderr, p.stderr[-3000:]
+    assert "vstack ready" not in p.stderr

@@ -35,6 +35,7 @@ from vstack.workers import (
     WorkerError,
     WorkerLink,
     WorkerUnavailable,
+    check_links,
     event_from_json,
     event_to_json,
     serve_link,
@@ -388,3 +389,17 @@ def test_merge_helpers() -> None:
     assert st_["log"] == {"run_id": 7, "written": 2}
     assert st_["log_total"] == {"run_id": [7, 1], "written": 5}
     assert sum_counters([{"run_id": 3}, {"run_id": 3}]) == {"run_id": 3}
+
+
+def test_check_links_names_a_worker_that_died_while_starting() -> None:
+    async def main() -> None:
+        h = Host([[5000], [6000], [7000]])
+        async with h:
+            assert await check_links(h.links, timeout=2.0) is None
+            h.tasks[1].cancel()  # worker 2 exits
+            await asyncio.gather(h.tasks[1], return_exceptions=True)
+            h.worker_socks[1].close()
+            msg = await check_links(h.links, timeout=2.0)
+            assert msg is not None and "worker 2 (pid 1002)" in msg and "did not start" in msg
+
+    run(main())

@@ -214,11 +214,18 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
 
         links = _WORKERS.links() if _WORKERS is not None else []
         services = await start_services(cfg, dp, engine, driver, sink, workers=links)
+        if links:  # a worker that died while starting fails the daemon, as worker 0 would
+            from vstack.workers import check_links
+
+            bad = await check_links(links)
+            if bad is not None:
+                on_failure(bad)
         v = vnic.describe()
-        log.info("vstack ready: device %s (%s, %s), routes %s via table %d, fwmark 0x%x, "
-                 "default stack %s", v["name"], v["address4"] or "-", v["address6"] or "-",
-                 ",".join(cfg.vnic.routes), cfg.vnic.table, cfg.vnic.fwmark,
-                 cfg.execution.default_stack)
+        if not failed:
+            log.info("vstack ready: device %s (%s, %s), routes %s via table %d, fwmark 0x%x, "
+                     "default stack %s", v["name"], v["address4"] or "-",
+                     v["address6"] or "-", ",".join(cfg.vnic.routes), cfg.vnic.table,
+                     cfg.vnic.fwmark, cfg.execution.default_stack)
         last: dict[str, Any] = {}
         interval = cfg.execution.metrics_interval_s
         while not stop.is_set():
