@@ -403,7 +403,9 @@ class Datapath:
                 else:
                     log.warning("flow %s: %s; dropping", key, err)
                     e.set_drop()
-        evicted = self.table.insert(key, e, time.monotonic())
+        # last seen: the latest tick (one float shared by every flow made since, not one
+        # each); the next tick sees the first packet's activity and touches it
+        evicted = self.table.insert(key, e, self._last_tick)
         if evicted is not None:
             ek, ee = evicted
             flowlog.info("flow %s evicted (table full, %d flows)", ek, self.table.max_flows)
@@ -583,7 +585,7 @@ class Datapath:
         metrics = {
             "packets": dpo + dpi, "bytes": dbo + dbi,
             "rate_bps": (dbo + dbi) * 8 / dt, "pps": (dpo + dpi) / dt,
-            "loss": e.interval_loss(), "rtt_ms": e.rtt_ms(), "drops": ddr,
+            "loss": e.interval_loss(p[0]), "rtt_ms": e.rtt_ms(), "drops": ddr,
             "interval_s": dt,
         }
         try:

@@ -155,6 +155,8 @@ def _ports(p: IPPacket) -> tuple[int, int]:
 
 def _key(p: IPPacket, direction: Direction) -> tuple[FlowKey, int, int]:
     sp, dp = _ports(p)
+    if 0 <= sp < 65536 and 0 <= dp < 65536:  # one shared int object per port number
+        sp, dp = _PORT_INTS[sp], _PORT_INTS[dp]
     if direction is Direction.APP_TO_NET:
         return _new_key(p.proto, p.src, sp, p.dst, dp), sp, dp
     if p.proto == ICMP or p.proto == ICMPV6:  # the echo identifier names both directions
@@ -194,6 +196,9 @@ def flow_new_event(cls: Classification, now: float, *, iface: str = "",
 # the per-new-flow objects skip the dataclasses' __init__ (object.__setattr__ per field:
 # about twice as slow; issue 6, bench flows)
 _new_cls = fast_constructor(Classification)
+# every port number as one shared int: a flow key keeps two ports, and ints above 256 are
+# a 32-byte object each (64 bytes per flow; this table is a fixed 2.6 MB; issue 6)
+_PORT_INTS: tuple[int, ...] = tuple(range(65536))
 _new_key = fast_constructor(FlowKey)
 _new_event = fast_constructor(Event)
 _PORTED = frozenset({UDP, TCP, UDPLITE})

@@ -108,7 +108,7 @@ class StackEngine:
     the stack cache (dicts), the retiring list, the closed stacks' counters, the endpoint
     (a dropped flow has none). ``send``/``send_many`` are None while the flow drops."""
 
-    __slots__ = ("_closed", "_loss_mark", "active", "created", "dropping",
+    __slots__ = ("_closed", "_lost_mark", "active", "created", "dropping",
                  "drops", "dscp", "endpoint", "env", "failures", "first", "interface", "key",
                  "last_activity", "last_error_fatal", "last_metrics", "packet_mode",
                  "retiring", "rule", "send", "send_many", "stack_name", "stacks", "switches",
@@ -144,7 +144,7 @@ class StackEngine:
         self.switches = 0
         # closed stacks' out pkts/bytes, in pkts/bytes, drops, lost (None: none closed)
         self._closed: list[int] | None = None
-        self._loss_mark = _ZERO2  # (packets out, lost) at the last interval_loss()
+        self._lost_mark = 0  # packets lost at the last interval_loss()
         # activity snapshot for idle detection and metrics intervals (owned by the datapath)
         self.last_activity = 0
         self.last_metrics: tuple[int, int, int, int, int] = _ZERO5
@@ -411,9 +411,11 @@ class StackEngine:
             n += m.packets_out + m.packets_in + m.drops
         return n
 
-    def interval_loss(self) -> float:
+    def interval_loss(self, sent_before: int) -> float:
         """Packets detected lost / packets sent since the previous call (0..1), over all
-        the flow's stacks; stacks that do not detect loss (UDP) count as sent, not lost."""
+        the flow's stacks; stacks that do not detect loss (UDP) count as sent, not lost.
+        ``sent_before``: packets out at the previous call (the caller keeps it, with its
+        other counters: the flow keeps one int here, not a tuple)."""
         c = self._closed
         sent, lost = (c[0], c[5]) if c is not None else _ZERO2
         for st in (*self.stacks.values(), *self.retiring):
@@ -422,12 +424,13 @@ class StackEngine:
                 refresh()
             sent += st.metrics.packets_out
             lost += st.metrics.lost
-        psent, plost = self._loss_mark
-        self._loss_mark = (sent, lost)
-        dlost = lost - plost
-        if dlost <= 0:
+        dlost = lost - self._lost_mark
+        if dlost == 0:
             return 0.0
-        return min(1.0, dlost / max(sent - psent, 1))
+        self._lost_mark = lost
+        if dlost < 0:
+            return 0.0
+        return min(1.0, dlost / max(sent - sent_before, 1))
 
     def rtt_ms(self) -> float:
         return self.active.metrics.rtt_ms if self.active is not None else -1.0
