@@ -154,7 +154,7 @@ async def _report_loop(counter: BinCounter, label: str, stop: asyncio.Event,
 
 
 async def _count_file_loop(counter: BinCounter, path: str, stop: asyncio.Event) -> None:
-    """Keep ``path`` holding "packets bytes" (replaced atomically every 50 ms while it
+    """Keep ``path`` holding "packets bytes" (replaced atomically every 100 ms while it
     changes, and at the end): what a benchmark reads before and after a run. The
     application's own count: with UDP_GRO one socket read (one InDatagrams in the UDP
     MIB) carries up to 64 DCCP-UDP packets."""
@@ -169,7 +169,7 @@ async def _count_file_loop(counter: BinCounter, path: str, stop: asyncio.Event) 
         if stop.is_set():
             return
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.05)
+            await asyncio.wait_for(stop.wait(), 0.1)
 
 
 async def _serve(start: Callable[[], Any], counter: BinCounter, label: str, seconds: float,
@@ -239,7 +239,7 @@ def serve_dccp(
     seconds: float = typer.Option(0.0, "--seconds", help="stop after N seconds (0: never)"),
     count_file: str | None = typer.Option(
         None, "--count-file",
-        help="keep 'packets bytes' received in this file (updated every 50 ms)"),
+        help="keep 'packets bytes' received in this file (updated every 100 ms)"),
 ) -> None:
     """DCCP (CCID2) sink or echo on raw IP protocol 33, or DCCP-UDP with --udp-encap."""
     try:
