@@ -28,6 +28,14 @@ What connects to what (everything on the one loop; nothing here starts a thread)
   ``HISTORY_PER_FLOW`` decisions of the last ``HISTORY_FLOWS`` flows in memory and passes
   everything on unchanged.
 
+With several workers (``vstack.workers``; ``start_services(..., workers=links)`` in the
+parent, worker 0) the control handlers fan out over the links (``fan_*``: flows merged and
+tagged ``worker``, ``switch``/``why`` to the owner, ``stats`` per worker and summed,
+``rules_reload`` here first and then everywhere), and every management / monitor event is
+forwarded to every worker's engine (``submit_everywhere``; without rules, a switch or
+retarget to the owning worker only). A worker serves ``local_services(...).handlers()``
+plus ``event`` on its end of the link.
+
 Failures: the management port is asked for explicitly, so a bad ``listen`` address or a
 port in use stops the daemon (``datapath.on_failure``: exit status 1 with the message). The
 control socket and the monitor are helpers: if they cannot start, the error is logged and
