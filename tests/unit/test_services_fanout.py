@@ -403,3 +403,18 @@ def test_check_links_names_a_worker_that_died_while_starting() -> None:
             assert msg is not None and "worker 2 (pid 1002)" in msg and "did not start" in msg
 
     run(main())
+
+
+def test_vstack_run_defaults_to_one_worker_per_core(tmp_path: Any) -> None:
+    import os
+
+    from vstack.cli.daemon import load_config
+    from vstack.workers import default_workers
+
+    assert default_workers() == len(os.sched_getaffinity(0))
+    assert load_config(None, None).vnic.queues == default_workers()
+    f = tmp_path / "v.toml"
+    f.write_text('[vnic]\nqueues = 1\n')
+    assert load_config(f, None).vnic.queues == 1  # --workers 1: the plain daemon
+    f.write_text('[vnic]\nqueues = 0\n')
+    assert load_config(f, None).vnic.queues == default_workers()
