@@ -1064,49 +1064,48 @@ class DccpConnection:
         )
 
     def _data_packets(self, now: float) -> list[DccpPacket]:
+        # the send hot path (issue 6): loop invariants hoisted; cwnd does not change
+        # while sending (only acks and timeouts change it)
         out: list[DccpPacket] = []
-        while self._queue and self.ccid.can_send():
-            data = self._queue.popleft()
-            seqno = self.seq.next_seq()
+        queue, ccid, sqs, stats = self._queue, self.ccid, self.seq, self.stats
+        sport, dport = self.sport, self.dport
+        ack_every = max(2, ccid.cwnd // 2)
+        ndp_on = self.features.local[ft.SEND_NDP_COUNT]
+        confirms = self.features.confirms_owed
+        partopen = self.state == State.PARTOPEN
+        while queue and ccid.can_send():
+            data = queue.popleft()
+            seqno = sqs.next_seq()
             opts: list[Option] = []
-            if self._ndp and self.features.local[ft.SEND_NDP_COUNT]:
+            if self._ndp and ndp_on:
                 opts.append(NdpCount(self._ndp))
             self._ndp = 0
             # §8.1.5: in PARTOPEN every packet carries an ack; piggyback a due ack; and
             # ack the peer's acks about once per window, so it can trim its Ack Vector
             # state (RFC 4341 §6.1.4, acks of acks)
-            if (
-                self.state == State.PARTOPEN
-                or self._ack_now
-                or self.features.confirms_owed
-                or self._rx_since_ack >= max(2, self.ccid.cwnd // 2)
-            ):
-                ackno = self.seq.gsr if self.seq.gsr is not None else 0
+            if partopen or self._ack_now or confirms or self._rx_since_ack >= ack_every:
+                ackno = sqs.gsr if sqs.gsr is not None else 0
                 opts = self._ack_options(now, seqno, ackno) + opts
                 self._ack_now = False
                 self._ack_at = None
                 self._data_since_ack = 0
+                confirms = self.features.confirms_owed
                 pkt = DccpPacket(
                     type=PT.DATAACK,
-                    sport=self.sport,
-                    dport=self.dport,
+                    sport=sport,
+                    dport=dport,
                     seq=seqno,
                     ack=ackno,
                     options=tuple(opts),
                     payload=data,
                 )
             else:
-                pkt = DccpPacket(
-                    type=PT.DATA,
-                    sport=self.sport,
-                    dport=self.dport,
-                    seq=seqno,
-                    options=tuple(opts),
-                    payload=data,
-                )
-            self.ccid.on_sent(seqno, now)
-            self.stats.data_sent += 1
-            self.stats.bytes_sent += len(data)
+                # positional: the frozen dataclass's __init__ is per packet here
+                pkt = DccpPacket(PT.DATA, sport, dport, seqno, None, True, 0, 0,
+                                 tuple(opts) if opts else (), data)
+            ccid.on_sent(seqno, now)
+            stats.data_sent += 1
+            stats.bytes_sent += len(data)
             out.append(pkt)
         return out
 
