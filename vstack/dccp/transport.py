@@ -19,7 +19,9 @@ Nothing here knows DCCP semantics beyond what the wire needs:
   UDP Length under 20. The rest of §3.3 (the DCCP header must fit in the datagram) is
   checked here and counted in ``stats.rx_bad``. The DCCP Checksum field is sent as zero
   and must be ignored on receipt (``dccp_checksum`` is False: the endpoint encodes without
-  it and decodes with ``verify=False``).
+  it and decodes with ``verify=False``). Issue 6: runs of equal-size packets leave with one
+  ``UDP_SEGMENT`` sendmsg, and the socket reads with ``UDP_GRO`` (a read may return up to
+  64 coalesced datagrams, split into memoryviews; one per read where the kernel refuses).
 
 Both carry SO_MARK (the datapath marks its egress 0x5654 so it bypasses the VNIC) and
 SO_BINDTODEVICE. Received datagrams are handed to a callback from the asyncio loop
