@@ -26,6 +26,14 @@ class _Client:
         self.room -= 1
         return True
 
+    def send_many(self, datas: list[Any]) -> int:  # as DccpClient: stops at a refusal
+        n = 0
+        for d in datas:
+            if not self.send(d):
+                break
+            n += 1
+        return n
+
 
 def _stack(room: int) -> tuple[DccpStack, _Client]:
     loop = asyncio.new_event_loop()

@@ -177,6 +177,21 @@ class DccpEndpoint:
         self.schedule()
         return ok
 
+    def send_many(self, datas: list[Any]) -> int:
+        """Queue datagrams in order until the connection refuses one; returns how many it
+        took (a batch from the fast path: one clock read and one pump for all)."""
+        if self.closed:
+            return 0
+        send = self.conn.send
+        now = self.now()
+        n = 0
+        for d in datas:
+            if not send(d, now):
+                break
+            n += 1
+        self.schedule()
+        return n
+
     def close(self) -> None:
         """Graceful close (Close -> Reset(Closed)); the owner sees ConnectionClosed."""
         if self.closed:
@@ -440,6 +455,10 @@ class DccpClient:
 
     def send(self, data: bytes) -> bool:
         return self.ep.send(data)
+
+    def send_many(self, datas: list[Any]) -> int:
+        """Queue ``datas`` in order until one is refused; returns how many were taken."""
+        return self.ep.send_many(datas)
 
     def close(self) -> None:
         self.ep.close()

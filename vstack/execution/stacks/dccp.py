@@ -125,15 +125,22 @@ class DccpStack(Stack):
             return
         m = self.metrics
         mps = c.conn.config.mps
-        for i, p in enumerate(payloads):
-            if c.send(p):
-                m.packets_out += 1
-                m.bytes_out += len(p)
-            elif len(p) <= mps:  # the queue is full
-                m.drops += len(payloads) - i
+        n = len(payloads)
+        i = 0
+        while i < n:
+            rest = payloads if i == 0 else payloads[i:]
+            k = c.send_many(rest)  # one call for the run (issue 6)
+            if k:
+                m.packets_out += k
+                m.bytes_out += sum(map(len, rest[:k])) if k < len(rest) else sum(map(len, rest))
+                i += k
+            if i >= n:
                 return
-            else:
-                m.drops += 1
+            if len(payloads[i]) <= mps:  # the queue is full
+                m.drops += n - i
+                return
+            m.drops += 1  # larger than the MPS: refused alone
+            i += 1
 
     def close(self) -> None:
         if self._closed:
