@@ -87,10 +87,27 @@ def flowinfo_to_dict(info: FlowInfo) -> dict[str, Any]:
     return d
 
 
-def flows_result(flows: Iterable[FlowInfo], log_dropped: int | None = None) -> dict[str, Any]:
-    """What the daemon's ``flows`` handler should return: the flows, and the decision-log
-    writer's dropped-record count when there is a writer."""
-    out: dict[str, Any] = {"flows": [flowinfo_to_dict(f) for f in flows]}
+FLOWS_LIMIT = 10_000  # flows in one ``flows`` answer unless ``limit`` asks otherwise
+
+
+def flows_limit(params: Mapping[str, Any]) -> int:
+    """The ``limit`` of a ``flows`` request (default ``FLOWS_LIMIT``)."""
+    limit = params.get("limit", FLOWS_LIMIT)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ValueError("flows 'limit' must be an integer >= 0")
+    return limit
+
+
+def flows_result(flows: Iterable[FlowInfo], log_dropped: int | None = None,
+                 limit: int | None = None) -> dict[str, Any]:
+    """What the daemon's ``flows`` handler should return: at most ``limit`` flows (only
+    those are encoded), ``total`` (how many there are), ``truncated`` when some were left
+    out, and the decision-log writer's dropped-record count when there is a writer."""
+    fl = flows if isinstance(flows, list) else list(flows)
+    shown = fl if limit is None or len(fl) <= limit else fl[:limit]
+    out: dict[str, Any] = {"flows": [flowinfo_to_dict(f) for f in shown], "total": len(fl)}
+    if len(shown) < len(fl):
+        out["truncated"] = True
     if log_dropped is not None:
         out["log_dropped"] = log_dropped
     return out
@@ -100,10 +117,13 @@ def actuator_handlers(actuator: Actuator,
                       log_dropped: Callable[[], int | None] | None = None) -> dict[str, Handler]:
     """The ``flows`` and ``switch`` handlers over the execution engine's ``Actuator``
     (the daemon adds ``why``, ``rules_reload`` and ``stats``, which other parts own).
-    ``switch`` is attributed to the rule ``"cli"`` in the decision log."""
+    ``flows`` takes ``limit`` (default ``FLOWS_LIMIT``): a daemon with 10^6 flows answers
+    with the first ``limit`` and the ``total``, never one huge line. ``switch`` is
+    attributed to the rule ``"cli"`` in the decision log."""
 
     def flows(params: dict[str, Any]) -> Any:
-        return flows_result(actuator.flows(), log_dropped() if log_dropped else None)
+        return flows_result(actuator.flows(), log_dropped() if log_dropped else None,
+                            flows_limit(params))
 
     def switch(params: dict[str, Any]) -> Any:
         flow, stack = params.get("flow"), params.get("stack")

@@ -308,10 +308,11 @@ class Services:
         return out
 
     async def fan_flows(self, params: dict[str, Any]) -> dict[str, Any]:
-        from vstack.control import actuator_handlers
+        from vstack.control import actuator_handlers, flows_limit
 
+        limit = flows_limit(params)  # a bad limit is refused before any worker is asked
         local = actuator_handlers(self.datapath, self._log_dropped)["flows"](params)
-        return merge_flows({0: local, **await self._ask_all("flows", params)})
+        return merge_flows({0: local, **await self._ask_all("flows", params)}, limit)
 
     async def fan_switch(self, params: dict[str, Any]) -> dict[str, Any]:
         from vstack.control import actuator_handlers
@@ -470,22 +471,33 @@ def pick_owner(method: str, params: dict[str, Any], local_err: Exception,
     raise local_err
 
 
-def merge_flows(parts: Mapping[int, Any]) -> dict[str, Any]:
+def merge_flows(parts: Mapping[int, Any], limit: int | None = None) -> dict[str, Any]:
     """``flows`` of every worker (a result dict, or the exception a worker raised) as one
-    list, each flow tagged ``worker``; unreachable workers under ``unavailable``."""
+    list of at most ``limit``, each flow tagged ``worker``; ``total`` summed (``truncated``
+    when flows were left out); unreachable workers under ``unavailable``."""
     flows: list[dict[str, Any]] = []
     dropped: int | None = None
+    total = 0
+    truncated = False
     unavailable: dict[str, str] = {}
     for wid, part in sorted(parts.items()):
         if isinstance(part, Exception):
             unavailable[str(wid)] = str(part)
             continue
-        for f in part.get("flows", []):
+        got = part.get("flows", [])
+        total += int(part.get("total", len(got)))
+        truncated = truncated or bool(part.get("truncated"))
+        for f in got:
+            if limit is not None and len(flows) >= limit:
+                truncated = True
+                break
             flows.append({**f, "worker": wid})
         d = part.get("log_dropped")
         if isinstance(d, int):
             dropped = (dropped or 0) + d
-    out: dict[str, Any] = {"flows": flows, "workers": len(parts)}
+    out: dict[str, Any] = {"flows": flows, "workers": len(parts), "total": total}
+    if truncated:
+        out["truncated"] = True
     if dropped is not None:
         out["log_dropped"] = dropped
     if unavailable:

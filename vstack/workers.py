@@ -53,6 +53,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -71,6 +72,7 @@ PR_SET_PDEATHSIG = 1
 LINK_LINE = 64 << 20  # one answer on a link (``flows`` of many flows is long)
 LINK_TIMEOUT_S = 5.0  # a worker that does not answer within this is reported, not awaited
 MAX_NOTES = 4096  # forwarded events waiting for one link; more are dropped and counted
+UNRESPONSIVE_AFTER = 2  # timeouts in a row after which a link is unresponsive
 
 
 def default_workers() -> int:
@@ -144,38 +146,100 @@ class WorkerError(Exception):
         self.kind = kind
 
 
+_ID_HEAD = re.compile(rb'^\s*\{\s*"id"\s*:\s*(-?\d+)')
+
+
+def _head_id(head: bytes) -> int | None:
+    """The ``id`` at the start of an answer line we could not (or would not) decode."""
+    m = _ID_HEAD.match(head)
+    return int(m.group(1)) if m else None
+
+
+async def read_link_line(reader: asyncio.StreamReader, limit: int) -> tuple[bytes, bool]:
+    """One line from a link: ``(line, False)``, or ``(head, True)`` for a line longer than
+    ``limit``, skipped up to its newline (``head``: its first bytes, for its id) so the
+    next line is read whole. ``(b"", False)`` at EOF (a partial last line is dropped)."""
+    try:
+        return await reader.readuntil(b"\n"), False
+    except asyncio.IncompleteReadError:
+        return b"", False
+    except asyncio.LimitOverrunError as e:
+        head = await reader.read(max(e.consumed, 1))
+    while True:  # skip the rest of the over-long line
+        try:
+            await reader.readuntil(b"\n")
+            return head[:256], True
+        except asyncio.IncompleteReadError:
+            return b"", False
+        except asyncio.LimitOverrunError as e:
+            await reader.read(max(e.consumed, 1))
+
+
 class WorkerLink:
     """The parent's end of one worker's link: ``await request(method, params)`` returns the
-    result, or raises ``WorkerError`` (the worker's handler failed) / ``WorkerUnavailable``
-    (dead, or no answer within ``timeout``); ``notify`` sends without waiting (ordered
-    with the requests). One request at a time per link; never blocks the loop longer
-    than ``timeout`` per request."""
+    result, or raises ``WorkerError`` (the worker's handler failed, or its answer was
+    over-long or undecodable: that request fails, the link stays) / ``WorkerUnavailable``
+    (dead, unresponsive, or no answer within ``timeout``); ``notify`` sends one way (its
+    answer is read and dropped), in order with the requests.
+
+    Requests are written as they come (no lock: one reader task matches answers to
+    requests by id), and the timeout covers everything a request waits for (opening the
+    link, the socket buffer, the answer). ``UNRESPONSIVE_AFTER`` timeouts in a row mark
+    the link unresponsive: requests fail at once and notes are dropped (counted) until
+    any answer arrives again (the worker answers what it was sent when it recovers)."""
 
     def __init__(self, wid: int, sock: socket.socket, pid: int | None = None,
-                 timeout: float = LINK_TIMEOUT_S) -> None:
+                 timeout: float = LINK_TIMEOUT_S, line_limit: int = LINK_LINE) -> None:
         self.wid = wid
         self.pid = pid
         self.timeout = timeout
+        self.line_limit = line_limit
         self.counters: Counter[str] = Counter()
         self.dead: str | None = None
+        self.unresponsive = False
+        self._fails = 0  # timeouts in a row
         self._sock: socket.socket | None = sock
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
+        self._opening: asyncio.Task[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._queued: list[bytes] = []  # written once the link is open
         self._next = 0
-        self._notes: set[asyncio.Task[None]] = set()
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._notes: dict[int, str] = {}  # ids of notes in flight -> method
 
     def __repr__(self) -> str:
         return f"worker {self.wid}" + (f" (pid {self.pid})" if self.pid else "")
 
-    def _gone(self, why: str) -> WorkerUnavailable:
+    def _unavailable(self) -> WorkerUnavailable | None:
+        if self.dead is not None:
+            return WorkerUnavailable(f"{self!r} is unavailable: {self.dead}")
+        if self.unresponsive:
+            return WorkerUnavailable(f"{self!r} is unavailable: it did not answer its last "
+                                     f"{UNRESPONSIVE_AFTER} requests (no request is sent "
+                                     "until it answers again)")
+        return None
+
+    def mark_dead(self, why: str) -> WorkerUnavailable:
+        """The worker is gone (its link closed, or its process exited): every request
+        waiting on it fails now, later ones at once."""
         if self.dead is None:
             self.dead = why
             log.error("%r: %s", self, why)
             self._close_transport()
-        return WorkerUnavailable(f"{self!r} is unavailable: {self.dead}")
+        err = WorkerUnavailable(f"{self!r} is unavailable: {self.dead}")
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._waiting.clear()
+        self._notes.clear()
+        return err
 
     def _close_transport(self) -> None:
+        if self._pump is not None and self._pump is not _current_task():
+            self._pump.cancel()
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
         if self._writer is not None:
             self._writer.close()
         elif self._sock is not None:
@@ -183,33 +247,64 @@ class WorkerLink:
         self._writer = self._reader = None
         self._sock = None
 
+    def _open_started(self) -> asyncio.Task[None]:
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_task(self._open())
+        return self._opening
+
+    async def _open(self) -> None:
+        assert self._sock is not None
+        self._reader, writer = await asyncio.open_unix_connection(
+            sock=self._sock, limit=self.line_limit)
+        for line in self._queued:  # notes sent before the link was open, in order
+            writer.write(line)
+        self._queued.clear()
+        self._writer = writer
+        self._pump = asyncio.get_running_loop().create_task(self._read_answers())
+
+    def _send(self, method: str, params: Mapping[str, Any] | None) -> int:
+        self._next += 1
+        rid = self._next
+        line = json.dumps({"id": rid, "method": method, "params": dict(params or {})},
+                          separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        if self._writer is None:
+            self._queued.append(line)
+            self._open_started()
+        else:
+            self._writer.write(line)
+        return rid
+
     async def request(self, method: str, params: Mapping[str, Any] | None = None, *,
                       timeout: float | None = None) -> Any:
         wait = self.timeout if timeout is None else timeout
-        if self.dead is not None:
-            raise WorkerUnavailable(f"{self!r} is unavailable: {self.dead}")
-        async with self._lock:
-            if self.dead is not None:
-                raise WorkerUnavailable(f"{self!r} is unavailable: {self.dead}")
-            self._next += 1
-            rid = self._next
-            line = json.dumps({"id": rid, "method": method, "params": dict(params or {})},
-                              separators=(",", ":"), allow_nan=False).encode() + b"\n"
-            self.counters["requests"] += 1
-            try:
-                if self._writer is None:
-                    assert self._sock is not None
-                    self._reader, self._writer = await asyncio.open_unix_connection(
-                        sock=self._sock, limit=LINK_LINE)
-                self._writer.write(line)
-                resp = await asyncio.wait_for(self._answer(rid), wait)
-            except TimeoutError:
-                self.counters["timeouts"] += 1
-                raise WorkerUnavailable(f"{self!r} did not answer {method!r} within "
-                                        f"{wait:g}s") from None
-            except (OSError, EOFError, ValueError) as e:
-                raise self._gone(f"its link failed ({type(e).__name__}: {e}); the worker "
+        down = self._unavailable()
+        if down is not None:
+            self.counters["fast_fails"] += 1
+            raise down
+        self.counters["requests"] += 1
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        try:
+            rid = self._send(method, params)
+        except OSError as e:
+            raise self.mark_dead(f"its link failed ({type(e).__name__}: {e})") from None
+        self._waiting[rid] = fut
+        try:
+            resp = await asyncio.wait_for(self._exchange(fut), wait)
+        except TimeoutError:
+            self.counters["timeouts"] += 1
+            self._fails += 1
+            if self._fails >= UNRESPONSIVE_AFTER and not self.unresponsive:
+                self.unresponsive = True
+                self.counters["unresponsive"] += 1
+                log.error("%r: no answer to %d requests in a row; marked unresponsive",
+                          self, self._fails)
+            raise WorkerUnavailable(f"{self!r} did not answer {method!r} within "
+                                    f"{wait:g}s") from None
+        except (OSError, EOFError) as e:
+            raise self.mark_dead(f"its link failed ({type(e).__name__}: {e}); the worker "
                                  "has probably exited") from None
+        finally:
+            self._waiting.pop(rid, None)
         if not resp.get("ok"):
             err = resp.get("error") or {}
             self.counters["errors"] += 1
@@ -217,44 +312,99 @@ class WorkerLink:
                               str(err.get("message", "unknown error")))
         return resp.get("result")
 
-    async def _answer(self, rid: int) -> dict[str, Any]:
-        assert self._reader is not None and self._writer is not None
+    async def _exchange(self, fut: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+        if self._writer is None:
+            await asyncio.shield(self._open_started())
+        if self._writer is None:
+            raise EOFError("the link was closed")
         await self._writer.drain()
-        while True:
-            line = await self._reader.readline()
-            if not line:
-                raise EOFError("the link was closed")
-            resp = json.loads(line)
-            if isinstance(resp, dict) and resp.get("id") == rid:
-                return resp
-            self.counters["late_answers"] += 1  # for a request that timed out: dropped
+        return await fut
+
+    async def _read_answers(self) -> None:
+        """The link's one reader: each answer to the request (or note) of its id."""
+        assert self._reader is not None
+        why = "the link was closed"
+        try:
+            while True:
+                line, too_long = await read_link_line(self._reader, self.line_limit)
+                if not line:
+                    break
+                self._answered()
+                resp: Any = None
+                rid: int | None
+                if too_long:
+                    self.counters["answers_too_long"] += 1
+                    rid = _head_id(line)
+                    resp = {"ok": False, "error": {
+                        "type": "AnswerTooLong",
+                        "message": f"{self!r}'s answer is longer than {self.line_limit} "
+                                   "bytes (skipped; the link goes on)"}}
+                else:
+                    try:
+                        resp = json.loads(line)
+                        rid = resp.get("id") if isinstance(resp, dict) else None
+                        if not isinstance(resp, dict) or not isinstance(rid, int):
+                            raise ValueError("not an answer object with an integer id")
+                    except (ValueError, RecursionError) as e:
+                        self.counters["bad_answers"] += 1
+                        rid = _head_id(line)
+                        resp = {"ok": False, "error": {
+                            "type": "BadAnswer",
+                            "message": f"{self!r}'s answer is not valid JSON ({e})"}}
+                self._deliver(rid, resp)
+        except (OSError, EOFError) as e:
+            why = f"its link failed ({type(e).__name__}: {e})"
+        except asyncio.CancelledError:
+            return
+        self.mark_dead(f"{why}; the worker has probably exited")
+
+    def _answered(self) -> None:
+        self._fails = 0
+        if self.unresponsive:
+            self.unresponsive = False
+            log.warning("%r answers again", self)
+
+    def _deliver(self, rid: int | None, resp: dict[str, Any]) -> None:
+        if rid is None and len(self._waiting) == 1:
+            rid = next(iter(self._waiting))  # undecodable, but only one request waits
+        fut = self._waiting.pop(rid, None) if rid is not None else None
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(resp)
+            return
+        method = self._notes.pop(rid, None) if rid is not None else None
+        if method is None:
+            self.counters["late_answers"] += 1  # of a request that timed out: dropped
+        elif not resp.get("ok"):
+            self.counters["notes_failed"] += 1
+            log.warning("%r: %s failed there: %s", self, method, resp.get("error"))
 
     def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None:
-        """Send a request whose answer nobody waits for (forwarded events); failures are
-        logged and counted. Sent in call order (the lock is FIFO)."""
-        if self.dead is not None:
+        """Send a request one way (forwarded events): never waits; dropped and counted
+        when the link is dead or unresponsive, or ``MAX_NOTES`` are unanswered."""
+        if self._unavailable() is not None or len(self._notes) >= MAX_NOTES:
             self.counters["notes_dropped"] += 1
             return
-        if len(self._notes) >= MAX_NOTES:
-            self.counters["notes_dropped"] += 1
-            return
-        task = asyncio.get_running_loop().create_task(self._note(method, params))
-        self._notes.add(task)
-        task.add_done_callback(self._notes.discard)
-
-    async def _note(self, method: str, params: Mapping[str, Any] | None) -> None:
         try:
-            await self.request(method, params)
-        except (WorkerError, WorkerUnavailable) as e:
-            self.counters["notes_failed"] += 1
-            log.warning("%r: %s not delivered: %s", self, method, e)
+            rid = self._send(method, params)
+        except OSError as e:
+            self.mark_dead(f"its link failed ({type(e).__name__}: {e})")
+            self.counters["notes_dropped"] += 1
+            return
+        self._notes[rid] = method
+        self.counters["notes"] += 1
 
     async def close(self) -> None:
-        for t in list(self._notes):
-            t.cancel()
-        self._close_transport()
         if self.dead is None:
-            self.dead = "the daemon is stopping"
+            self.mark_dead("the daemon is stopping")
+        self._close_transport()
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
 
 
 async def check_links(links: Sequence[WorkerLink], timeout: float = 30.0) -> str | None:
@@ -270,21 +420,23 @@ async def check_links(links: Sequence[WorkerLink], timeout: float = 30.0) -> str
     return None
 
 
-async def serve_link(sock: socket.socket,
-                     dispatch: Callable[[bytes], Awaitable[bytes]]) -> None:
+async def serve_link(sock: socket.socket, dispatch: Callable[[bytes], Awaitable[bytes]],
+                     limit: int = LINK_LINE) -> None:
     """The worker's end of its link: one request line in, ``dispatch``'s answer out, until
-    the parent closes it."""
-    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINK_LINE)
+    the parent closes it. An over-long request is answered with an error and skipped."""
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=limit)
     try:
         while True:
-            try:
-                line = await reader.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                log.error("link: request longer than %d bytes; closing", LINK_LINE)
-                break
+            line, too_long = await read_link_line(reader, limit)
             if not line:
                 break
-            writer.write(await dispatch(line))
+            if too_long:
+                log.error("link: request longer than %d bytes; skipped", limit)
+                writer.write(json.dumps({"id": _head_id(line), "ok": False, "error": {
+                    "type": "RequestTooLong",
+                    "message": f"request longer than {limit} bytes"}}).encode() + b"\n")
+            else:
+                writer.write(await dispatch(line))
             await writer.drain()
     except ConnectionError:
         pass

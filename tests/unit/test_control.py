@@ -276,7 +276,10 @@ def test_actuator_handlers_over_the_socket(sockdir: str) -> None:
         assert c.call("flows") == {"flows": [{
             "flow": FLOW, "stack": "udp", "interface": "", "target": "10.201.1.2:9000",
             "packets_out": 1, "packets_in": 2, "bytes_out": 3, "bytes_in": 4,
-            "rule": "static", "created": 0.0, "last_seen": 0.0}], "log_dropped": 0}
+            "rule": "static", "created": 0.0, "last_seen": 0.0}], "total": 1,
+            "log_dropped": 0}
+        capped = c.call("flows", limit=0)
+        assert capped["flows"] == [] and capped["total"] == 1 and capped["truncated"]
         assert c.call("switch", flow=FLOW, stack="dccp") == {"flow": FLOW, "stack": "dccp"}
         with pytest.raises(ControlError, match="no such flow"):
             c.call("switch", flow="udp:1.1.1.1:1->2.2.2.2:2", stack="dccp")

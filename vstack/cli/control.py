@@ -84,9 +84,12 @@ def _console() -> Console:
 
 
 @app.command("flows")
-def flows_cmd(socket_path: SocketOpt = None, as_json: JsonOpt = False) -> None:
+def flows_cmd(socket_path: SocketOpt = None, as_json: JsonOpt = False,
+              limit: Annotated[int, typer.Option(
+                  "--limit", min=0, help="at most this many flows (the daemon's default: "
+                  "10000); the total is always given")] = 10_000) -> None:
     """Table of the daemon's flows: stack, interface, target, packets, deciding rule."""
-    result = _call(socket_path, "flows")
+    result = _call(socket_path, "flows", limit=limit)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -113,6 +116,9 @@ def flows_cmd(socket_path: SocketOpt = None, as_json: JsonOpt = False) -> None:
     if isinstance(result, dict):
         for wid, msg in (result.get("unavailable") or {}).items():
             typer.echo(f"warning: worker {wid}'s flows are missing: {msg}", err=True)
+    if isinstance(result, dict) and result.get("truncated"):
+        typer.echo(f"warning: {len(rows)} of {result.get('total', '?')} flows shown "
+                   "(--limit)", err=True)
     if isinstance(result, dict) and result.get("log_dropped") is not None:
         console.print(f"decision log: {result['log_dropped']} records dropped by the writer")
 
