@@ -31,9 +31,11 @@ What connects to what (everything on the one loop; nothing here starts a thread)
 With several workers (``vstack.workers``; ``start_services(..., workers=links)`` in the
 parent, worker 0) the control handlers fan out over the links (``fan_*``: flows merged and
 tagged ``worker``, ``switch``/``why`` to the owner, ``stats`` per worker and summed,
-``rules_reload`` here first and then everywhere), and every management / monitor event is
-forwarded to every worker's engine (``submit_everywhere``; without rules, a switch or
-retarget to the owning worker only). A worker serves ``local_services(...).handlers()``
+``rules_reload`` here first and then everywhere), and management / monitor events are
+forwarded (``submit_everywhere``): one without a flow to every worker's engine (one way,
+no answer awaited), one naming a flow only to the worker that owns it (the workers are
+asked; the others answer "not mine" and submit nothing; no owner: counted as
+``forwarding.no_owner`` in ``stats``). A worker serves ``local_services(...).handlers()``
 plus ``event`` on its end of the link.
 
 Failures: the management port is asked for explicitly, so a bad ``listen`` address or a
@@ -215,6 +217,8 @@ class Services:
     monitor: Any = None  # vstack.monitor.NetlinkMonitor | None
     control: Any = None  # vstack.control.ControlServer | None
     workers: list[Any] = field(default_factory=list)  # vstack.workers.WorkerLink, 1..N-1
+    forwarding: Counter[str] = field(default_factory=Counter)  # events to workers
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)  # owner look-ups
     started: float = field(default_factory=time.time)
     _closed: bool = False
 
@@ -236,17 +240,19 @@ class Services:
 
     # -- events forwarded by the parent (a worker's ``event`` link method)
     def event(self, params: dict[str, Any]) -> dict[str, Any]:
-        """A management or monitor event the parent accepted: to this worker's engine; with
-        no engine to the minimal handler, with ``owner_only`` only if the flow is here."""
+        """A management or monitor event the parent accepted: to this worker's engine, or
+        with no engine to the minimal handler. With ``owner_only`` (an event naming a
+        flow) only if the flow is here: else ``{"owner": False}`` and nothing is submitted
+        (an engine would make a phantom flow of it and its action fail)."""
         from vstack.workers import event_from_json
 
         ev = event_from_json(params)
-        if self.engine is not None:
-            self.engine.submit(ev, ev.time)
-            return {"submitted": True}
         if params.get("owner_only") and ev.flow is not None and not _owns(self.datapath,
                                                                           ev.flow):
             return {"owner": False}
+        if self.engine is not None:
+            self.engine.submit(ev, ev.time)
+            return {"owner": True, "submitted": True}
         handler = self.mgmt_handler or MinimalMgmtHandler(self.datapath)
         self.mgmt_handler = handler
         before = handler.counters["applied"]
@@ -254,45 +260,52 @@ class Services:
         return {"owner": True, "applied": handler.counters["applied"] > before}
 
     def submit_everywhere(self, local: Callable[[Event], None]) -> Callable[[Event], None]:
-        """``local`` for this process, and the event forwarded to every worker's engine
-        (without an engine: to the worker that owns the flow, see ``_mgmt_to_owner``)."""
+        """``local`` for this process, and the event forwarded: one without a flow (link,
+        address, route, congestion) to every worker's engine, one way; one naming a flow
+        only to the worker that owns it (``_to_owner``)."""
         if not self.workers:
             return local
-        if self.engine is None:
-            return lambda ev: self._mgmt_to_owner(local, ev)
 
         def submit(ev: Event) -> None:
+            if ev.flow is not None:
+                self._to_owner(local, ev)
+                return
             local(ev)
             params = _event_params(ev)
             for w in self.workers:
                 w.notify("event", params)
+            self.forwarding["broadcast"] += 1
 
         return submit
 
-    def _mgmt_to_owner(self, local: Callable[[Event], None], ev: Event) -> None:
-        if ev.flow is None or _owns(self.datapath, ev.flow):
+    def _to_owner(self, local: Callable[[Event], None], ev: Event) -> None:
+        assert ev.flow is not None
+        if _owns(self.datapath, ev.flow):
             local(ev)
+            self.forwarding["to_owner"] += 1
             return
         task = asyncio.get_running_loop().create_task(self._owner_event(ev))
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _owner_event(self, ev: Event) -> None:
+        """Ask every worker with ``owner_only``: the owner submits it, the others answer
+        "not mine". No owner: counted (``no_owner``) and logged, submitted nowhere."""
         params = {**_event_params(ev), "owner_only": True}
         answers = await self._ask_all("event", params)
-        handler = self.mgmt_handler
         owned = [a for a in answers.values() if isinstance(a, dict) and a.get("owner")]
-        if handler is None:
+        handler = self.mgmt_handler
+        if owned:
+            self.forwarding["to_owner"] += 1
+            if handler is not None:
+                handler.counters["applied" if owned[0].get("applied") else "errors"] += 1
             return
-        if not owned:
-            failed = [f"worker {w}: {a}" for w, a in answers.items() if isinstance(a, Exception)]
+        self.forwarding["no_owner"] += 1
+        if handler is not None:
             handler.counters["errors"] += 1
-            log.warning("management %s failed: no flow %s on any worker%s", ev.type, ev.flow,
-                        f" ({'; '.join(failed)})" if failed else "")
-        elif owned[0].get("applied"):
-            handler.counters["applied"] += 1
-        else:
-            handler.counters["errors"] += 1
+        failed = [f"worker {w}: {a}" for w, a in answers.items() if isinstance(a, Exception)]
+        log.warning("%s not submitted: no flow %s on any worker%s", ev.type, ev.flow,
+                    f" ({'; '.join(failed)})" if failed else "")
 
     # -- fan-out over the workers (the parent, worker 0, with ``workers``)
     async def _ask_all(self, method: str, params: dict[str, Any]) -> dict[int, Any]:
@@ -339,7 +352,11 @@ class Services:
         out = self.stats(params)
         per: dict[int, Any] = {0: {k: out[k] for k in ("datapath", "engine", "log") if k in out}}
         per.update(await self._ask_all("stats", params))
-        return merge_stats(out, per)
+        merged = merge_stats(out, per)
+        merged["forwarding"] = dict(self.forwarding)
+        merged["links"] = {str(w.wid): {"unresponsive": w.unresponsive, "dead": w.dead,
+                                        **dict(w.counters)} for w in self.workers}
+        return merged
 
     async def fan_rules_reload(self, params: dict[str, Any]) -> dict[str, Any]:
         out = self.rules_reload(params)  # a bad file stops here: no worker is touched
@@ -413,6 +430,8 @@ class Services:
         if self._closed:
             return
         self._closed = True
+        for t in list(self._tasks):
+            t.cancel()
         for w in self.workers:
             with contextlib.suppress(Exception):
                 await w.close()
@@ -428,9 +447,6 @@ class Services:
             with contextlib.suppress(Exception):
                 self.mgmt.close()
         self.control = self.monitor = self.mgmt = None
-
-
-_BACKGROUND: set[asyncio.Task[None]] = set()  # owner look-ups of management events
 
 
 def _owns(datapath: Any, flow: FlowKey) -> bool:

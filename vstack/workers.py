@@ -19,9 +19,10 @@ parent, over one **link** per worker (a ``socketpair`` made before the fork, JSO
 the control socket's protocol and dispatcher, ``ControlServer.dispatch``):
 
 * management messages (after authentication, in the parent) and netlink monitor events
-  are forwarded to every worker's engine (method ``event``), so all engines see the same
-  events; without a rule engine a ``mgmt.switch`` / ``mgmt.retarget`` goes to the worker
-  that owns the flow (``owner_only``);
+  without a flow are forwarded to every worker's engine (method ``event``, one way), so
+  all engines see the same host events; an event naming a flow (``mgmt.switch``,
+  ``mgmt.retarget``, ...) goes only to the worker that owns the flow (``owner_only``: the
+  others answer "not mine" without submitting it);
 * ``vstack rules reload`` reloads the parent's rules first: a bad file is refused there
   with its positioned error and no worker is touched (the old rules keep running
   everywhere); a good one is then reloaded on every worker. SIGHUP is forwarded too;

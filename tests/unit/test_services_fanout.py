@@ -438,6 +438,37 @@ def test_events_reach_every_engine() -> None:
     run(main())
 
 
+def test_events_naming_a_flow_go_to_its_owner_only() -> None:
+    async def main() -> None:
+        h = Host([[5000], [6000], [7000]], engines=True)
+        async with h as parent:
+            local = h.engines[0]
+            assert local is not None
+
+            def to_local(ev: Event) -> None:
+                local.submit(ev, ev.time)
+
+            submit = parent.submit_everywhere(to_local)
+            on2 = Event("mgmt.switch", 1.0, {"stack": "dccp"}, _flow(7000))
+            on0 = Event("mgmt.switch", 2.0, {"stack": "dccp"}, _flow(5000))
+            nowhere = Event("mgmt.switch", 3.0, {"stack": "dccp"}, _flow(9999))
+            for ev in (on2, on0, nowhere):
+                submit(ev)
+            for _ in range(200):
+                if parent.forwarding["to_owner"] + parent.forwarding["no_owner"] >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            # before: every engine got every event (a phantom flow and a failed action on
+            # each non-owner)
+            assert [e.events for e in h.engines if e] == [[on0], [], [on2]]
+            assert parent.forwarding == {"to_owner": 2, "no_owner": 1}
+            stats = await parent.handlers()["stats"]({})
+            assert stats["forwarding"] == {"to_owner": 2, "no_owner": 1}
+            assert stats["links"]["1"]["unresponsive"] is False
+
+    run(main())
+
+
 def test_mgmt_without_rules_goes_to_the_owner_only() -> None:
     async def main() -> None:
         h = Host([[5000], [6000], [7000]])
