@@ -31,7 +31,8 @@ What connects to what (everything on the one loop; nothing here starts a thread)
 With several workers (``vstack.workers``; ``start_services(..., workers=links)`` in the
 parent, worker 0) the control handlers fan out over the links (``fan_*``: flows merged and
 tagged ``worker``, ``switch``/``why`` to the owner, ``stats`` per worker and summed,
-``rules_reload`` here first and then everywhere), and management / monitor events are
+``rules_reload`` here first and then on every worker whose file has the same version:
+not atomic, a failure names each worker's version), and management / monitor events are
 forwarded (``submit_everywhere``): one without a flow to every worker's engine (one way,
 no answer awaited), one naming a flow only to the worker that owns it (the workers are
 asked; the others answer "not mine" and submit nothing; no owner: counted as
@@ -359,15 +360,23 @@ class Services:
         return merged
 
     async def fan_rules_reload(self, params: dict[str, Any]) -> dict[str, Any]:
-        out = self.rules_reload(params)  # a bad file stops here: no worker is touched
-        answers = await self._ask_all("rules_reload", params)
+        """Reload here; a bad file stops here (no worker is touched). Then every worker
+        reloads only if its file has the version loaded here (``expect_version``: the
+        file was not edited in between). Not atomic: a worker that fails (or refuses)
+        keeps its old rules while the others run the new ones; that is an error naming
+        each worker and the version it runs."""
+        out = self.rules_reload(params)
+        version = out["version"]
+        answers = await self._ask_all("rules_reload", {**params, "expect_version": version})
         failed = {w: a for w, a in answers.items() if isinstance(a, Exception)}
+        runs = {"0": version, **{str(w): a.get("version") for w, a in sorted(answers.items())
+                                 if isinstance(a, dict)}}
         if failed:
             raise RulesReloadError(
-                f"rules version {out['version']} loaded on worker 0, but not on "
-                + "; ".join(f"worker {w}: {e}" for w, e in sorted(failed.items())))
-        out["workers"] = {"0": out["version"],
-                          **{str(w): a.get("version") for w, a in sorted(answers.items())}}
+                f"rules version {version} loaded on worker(s) {', '.join(sorted(runs))}; "
+                "NOT on " + "; ".join(f"worker {w}: {e}" for w, e in sorted(failed.items()))
+                + " - the daemon runs mixed rules until a reload succeeds everywhere")
+        out["workers"] = runs
         return out
 
     def _log_dropped(self) -> int | None:
@@ -393,17 +402,42 @@ class Services:
         return out
 
     def rules_reload(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Reload the rules file. With ``expect_version`` (a worker, asked by the parent)
+        the file is parsed first and refused unless it has that version."""
         if self.driver is None or self.engine is None:
             raise RulesReloadError("no rules to reload: the daemon runs the static selector "
                                    "([decision] rules is not set)")
         rules = self.driver.rules
         old = self.engine.rules_version
-        if not self.driver.reload():
+        expect = params.get("expect_version")
+        if expect is not None:
+            if not isinstance(expect, str):
+                raise ValueError("'expect_version' must be a rules version string")
+            self._reload_expecting(rules, expect, old)
+        elif not self.driver.reload():
             err = getattr(rules, "last_error", None) or "reload failed"
             raise RulesReloadError(f"{err}\n(kept rules version {old})")
         return {"file": getattr(rules, "path", ""), "version": self.engine.rules_version,
                 "previous": old, "rules": len(self.engine.ruleset.rules),
                 "warnings": len(getattr(rules, "warnings", []) or [])}
+
+    def _reload_expecting(self, rules: Any, expect: str, old: str) -> None:
+        try:
+            rs = rules.load()
+        except Exception as e:  # RulesSyntaxError, RulesCheckError, OSError
+            raise RulesReloadError(f"{e}\n(kept rules version {old})") from None
+        version = (rs.source_hash or "0" * 12)[:12]
+        if version != expect:
+            raise RulesReloadError(
+                f"its rules file is version {version}, not {expect} as loaded by worker 0 "
+                f"(edited in between?); kept rules version {old}")
+        try:
+            self.engine.reload(rs)
+        except Exception as e:
+            raise RulesReloadError(f"{e}\n(kept rules version {old})") from None
+        rearm = getattr(self.driver, "rearm", None)
+        if callable(rearm):
+            rearm()
 
     def stats(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"uptime_s": round(time.time() - self.started, 3),

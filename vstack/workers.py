@@ -25,7 +25,10 @@ the control socket's protocol and dispatcher, ``ControlServer.dispatch``):
   others answer "not mine" without submitting it);
 * ``vstack rules reload`` reloads the parent's rules first: a bad file is refused there
   with its positioned error and no worker is touched (the old rules keep running
-  everywhere); a good one is then reloaded on every worker. SIGHUP is forwarded too;
+  everywhere); a good one is then reloaded on every worker whose file parses to the same
+  version (``expect_version``; a file edited in between is refused there). This is not
+  atomic: a worker that fails keeps its old rules, and the answer is an error naming
+  every worker and the version it runs. SIGHUP is forwarded too;
 * ``vstack flows`` merges every worker's flows (each tagged ``worker``); ``switch`` and
   ``why`` go to the worker that knows the flow; ``stats`` gives per-worker counters and
   their totals (``vstack.services``).

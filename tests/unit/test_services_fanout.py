@@ -107,19 +107,37 @@ class FakeEngine:
 
 
 class FakeDriver:
-    """``driver.reload()`` of a rules file that is good or bad."""
+    """``driver.reload()`` of a rules file that is good or bad (``version``: what the
+    file holds now, as ``RulesFile.load`` parses it)."""
 
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
         self.good = True
-        self.rules = type("Rules", (), {"path": "x.rules", "last_error": None,
-                                        "warnings": []})()
+        self.version = "v2"
+        drv = self
+
+        class Rules:
+            path = "x.rules"
+            last_error: str | None = None
+            warnings: list[Any] = []
+
+            def load(self) -> Any:
+                if not drv.good:
+                    raise ValueError("x.rules:2:7: expected a value")
+                return type("RS", (), {"source_hash": drv.version, "rules": [1, 2]})()
+
+        self.rules = Rules()
+        engine.reload = lambda rs: setattr(engine, "rules_version", rs.source_hash)  # type: ignore[attr-defined]
+        self.rearmed = 0
+
+    def rearm(self) -> None:
+        self.rearmed += 1
 
     def reload(self) -> bool:
         if not self.good:
             self.rules.last_error = "x.rules:2:7: expected a value"
             return False
-        self.engine.rules_version = "v2"
+        self.engine.rules_version = self.version
         return True
 
 
@@ -397,7 +415,7 @@ def test_stats_per_worker_and_totals() -> None:
     run(main())
 
 
-def test_rules_reload_everywhere_or_nowhere() -> None:
+def test_rules_reload_refused_everywhere_or_reported_per_worker() -> None:
     async def main() -> None:
         h = Host([[5000], [6000], [7000]], engines=True)
         async with h as parent:
@@ -413,6 +431,19 @@ def test_rules_reload_everywhere_or_nowhere() -> None:
             res = await parent.handlers()["rules_reload"]({})
             assert res["workers"] == {"0": "v2", "1": "v2", "2": "v2"}
             assert [e.rules_version for e in h.engines if e] == ["v2", "v2", "v2"]
+            # worker 2's file was edited between the parent's reload and its own: refused
+            # there (before: it loaded v4 while the others ran v3), and said per worker
+            for d in h.drivers:
+                assert d is not None
+                d.version = "v3"
+            assert h.drivers[2] is not None
+            h.drivers[2].version = "v4"
+            with pytest.raises(RulesReloadError) as ei:
+                await parent.handlers()["rules_reload"]({})
+            msg = str(ei.value)
+            assert "loaded on worker(s) 0, 1" in msg and "NOT on worker 2" in msg
+            assert "version v4, not v3" in msg and "kept rules version v2" in msg
+            assert [e.rules_version for e in h.engines if e] == ["v3", "v3", "v2"]
 
     run(main())
 
