@@ -133,3 +133,46 @@ def test_data_encoder_is_byte_identical_to_encode(sport: int, dport: int, seq: i
     assert bytes(buf[offset:offset + n]) == ref
     assert buf[:offset] == b"\xaa" * offset
     assert buf[offset + n:] == b"\xaa" * (len(buf) - offset - n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 200), min_size=1, max_size=80),
+       acks=st.lists(st.booleans(), min_size=1, max_size=80))
+def test_packets_to_send_plain_is_the_same_packets(sizes: list[int], acks: list[bool]) -> None:
+    """``packets_to_send_plain`` hands plain Data as (seq, payload); encoded with the
+    connection's DataEncoder they are byte for byte what ``packets_to_send`` gives."""
+    p = _open_pair()
+    cli = p.c
+    twin = copy.deepcopy(cli)
+    enc = DataEncoder(cli.sport, cli.dport)
+    now = p.now
+    for i, n in enumerate(sizes):
+        now += 0.001
+        for c in (cli, twin):
+            c.send(bytes([i & 0xFF]) * n, now)
+            if acks[i % len(acks)]:
+                c._ack_now = True  # a due ack: piggybacked as a DataAck (with options)
+        ref = [encode(q, None, None) for q in cli.packets_to_send(now)]
+        got = []
+        for q in twin.packets_to_send_plain(now):
+            if isinstance(q, tuple):
+                buf = bytearray(16 + len(q[1]))
+                enc.pack_into(buf, 0, q[0], q[1])
+                got.append(bytes(buf))
+            else:
+                got.append(encode(q, None, None))
+        assert got == ref
+        assert cli.stats == twin.stats and cli._ndp == twin._ndp
+        assert cli.ccid.pipe == twin.ccid.pipe
+
+
+def test_packets_to_send_plain_gives_tuples_for_plain_data() -> None:
+    p = _open_pair()
+    cli = p.c
+    for i in range(3):
+        cli.send(bytes([i]) * 10, p.now)
+    out = cli.packets_to_send_plain(p.now)
+    plain = [q for q in out if isinstance(q, tuple)]
+    assert plain and all(len(q[1]) == 10 for q in plain)
+    seqs = [q[0] if isinstance(q, tuple) else q.seq for q in out]
+    assert seqs == sorted(seqs)  # one sequence, in order

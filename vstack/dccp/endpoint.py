@@ -229,7 +229,7 @@ class DccpEndpoint:
     def pump(self) -> None:
         """Send what the connection has, hand out its events, re-arm its timer."""
         now = self.now()
-        pkts = self.conn.packets_to_send(now)
+        pkts = self.conn.packets_to_send_plain(now)  # plain Data as (seq, payload)
         if pkts:
             try:
                 self._send_packets(pkts)
@@ -254,7 +254,7 @@ class DccpEndpoint:
             self._timer = self.loop.call_at(max(t, now), self._on_timer)
 
 
-    def _send_packets(self, pkts: list[DccpPacket]) -> None:
+    def _send_packets(self, pkts: list[DccpPacket | tuple[int, bytes]]) -> None:
         """Put ``pkts`` on the wire in order. Plain Data/DataAck (no options: nearly all of
         a bulk transfer) are packed by the connection's :class:`DataEncoder` into one
         preallocated buffer, no per-packet objects (issue 6): DCCP-UDP sends each run of
@@ -268,8 +268,15 @@ class DccpEndpoint:
             mv = memoryview(buf)
             off = seg = count = 0
             for pkt in pkts:
-                if plain(pkt) and pkt.sport == enc.sport and pkt.dport == enc.dport:
-                    ln = (16 if pkt.ack is None else 24) + len(pkt.payload)
+                if isinstance(pkt, tuple):  # a plain Data: (seq, payload)
+                    seq, payload = pkt
+                    ack = None
+                elif plain(pkt) and pkt.sport == enc.sport and pkt.dport == enc.dport:
+                    seq, payload, ack = pkt.seq, pkt.payload, pkt.ack
+                else:
+                    seq = -1
+                if seq >= 0:
+                    ln = (16 if ack is None else 24) + len(payload)
                     if count and (ln > seg or off + ln > _GSO_BYTES or count >= _GSO_SEGS):
                         ok = sock.send_packed(mv[:off], seg, remote, uport)
                         st.tx_packets += ok
@@ -277,7 +284,7 @@ class DccpEndpoint:
                         off = count = 0
                     if not count:
                         seg = ln
-                    off += enc.pack_into(buf, off, pkt.seq, pkt.payload, pkt.ack)
+                    off += enc.pack_into(buf, off, seq, payload, ack)
                     count += 1
                     if ln == seg:
                         continue  # a shorter one ends the run: it is flushed below
@@ -286,9 +293,9 @@ class DccpEndpoint:
                     st.tx_packets += ok
                     st.tx_dropped += count - ok
                     off = count = 0
-                    if plain(pkt) and pkt.sport == enc.sport and pkt.dport == enc.dport:
+                    if seq >= 0:
                         continue  # it was the short end of that run
-                self._send_one(pkt)
+                self._send_one(pkt)  # type: ignore[arg-type]
             if count:
                 ok = sock.send_packed(mv[:off], seg, remote, uport)
                 st.tx_packets += ok
@@ -296,7 +303,13 @@ class DccpEndpoint:
             return
         local = self.local_ip
         for pkt in pkts:  # raw DCCP: no GSO; pack with the checksum, send from the buffer
-            if plain(pkt) and pkt.sport == enc.sport and pkt.dport == enc.dport:
+            if isinstance(pkt, tuple):
+                n = enc.pack_into(buf, 0, pkt[0], pkt[1], None, local, remote)
+                if sock.sendto(memoryview(buf)[:n], remote, uport):
+                    st.tx_packets += 1
+                else:
+                    st.tx_dropped += 1
+            elif plain(pkt) and pkt.sport == enc.sport and pkt.dport == enc.dport:
                 n = enc.pack_into(buf, 0, pkt.seq, pkt.payload, pkt.ack, local, remote)
                 if sock.sendto(memoryview(buf)[:n], remote, uport):
                     st.tx_packets += 1
