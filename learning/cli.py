@@ -38,27 +38,63 @@ def _fail(msg: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _daemon_runs(engine: Any, runs: list[int]) -> set[str]:
+    """The ``daemon_run`` ids (``vstack.workers.run_config``) of the given runs."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from db.models import Run
+
+    with Session(engine) as s:
+        return {str(r.config["daemon_run"]) for r in s.scalars(select(Run).where(
+            Run.id.in_(runs))) if isinstance(r.config, dict) and r.config.get("daemon_run")}
+
+
+def _runs_of(engine: Any, daemon_runs: set[str]) -> list[int]:
+    """The runs of a worker's log that belong to these daemon runs."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from db.models import Run
+
+    with Session(engine) as s:
+        return sorted(r.id for r in s.scalars(select(Run))
+                      if isinstance(r.config, dict)
+                      and r.config.get("daemon_run") in daemon_runs)
+
+
 def _load(url: str, runs: list[int] | None, kinds: list[str]) -> Any:
     """Samples from ``url`` and from the logs of the daemon's other workers beside it
     (``<db>-w<k>``, ``vstack run --workers``): their flows are disjoint, so the samples are
-    simply joined; ``--run N`` selects run N in each file."""
+    simply joined. ``--run N`` is a run of ``url``; in the other workers' logs (whose run
+    ids count on their own) the runs of the same daemon run are taken (the ``daemon_run``
+    id every worker's run info holds); ``report.runs`` lists ``url``'s runs."""
     import db
     from learning.data import LoadReport, load_samples
     from vstack.workers import worker_dbs
 
     samples: list[Any] = []
     total = LoadReport()
-    for u in worker_dbs(url):
+    daemon_runs: set[str] = set()
+    for i, u in enumerate(worker_dbs(url)):
         try:
             engine = db.open_db(u, create=False, migrate=False)
         except db.DatabaseError as e:
             raise _fail(str(e)) from None
         try:
-            got, rep = load_samples(engine, runs or None, kinds)
+            mine: list[int] | None = runs or None
+            if runs and i == 0:
+                daemon_runs = _daemon_runs(engine, runs)
+            elif runs:
+                mine = _runs_of(engine, daemon_runs)
+                if not mine:
+                    continue  # this worker logged nothing of those runs
+            got, rep = load_samples(engine, mine, kinds)
         finally:
             engine.dispose()
         samples.extend(got)
-        total.runs = sorted(set(total.runs) | set(rep.runs))
+        if i == 0:
+            total.runs = list(rep.runs)
         total.decisions += rep.decisions
         total.flows += rep.flows
         total.without_outcome += rep.without_outcome

@@ -84,6 +84,14 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def run_config(name: str, wid: int, daemon_run: str, workers: int) -> dict[str, Any]:
+    """The ``config`` of every worker's ``runs`` row (the parent's too): the daemon's name,
+    the worker, how many there are, and ``daemon_run``, one id for the whole daemon run
+    made before the fork (run ids count separately in each worker's log; ``vstack learn
+    --run N`` finds the sibling logs' runs by it)."""
+    return {"name": name, "worker": wid, "workers": workers, "daemon_run": daemon_run}
+
+
 def worker_db(db_url: str, wid: int) -> str:
     """The decision log (or trace) of worker ``wid`` (0: the configured one)."""
     if not db_url or wid == 0:
@@ -491,8 +499,10 @@ class Workers:
                 os.waitpid(pid, 0)
 
 
-def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int) -> Workers:
-    """Open ``n - 1`` more queues of ``tun`` and fork a worker on each, each with a link."""
+def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int,
+          daemon_run: str = "") -> Workers:
+    """Open ``n - 1`` more queues of ``tun`` and fork a worker on each, each with a link;
+    ``daemon_run`` goes into every worker's run info (``run_config``)."""
     if n <= 1:
         return Workers([])
     _tag_logs(0)
@@ -519,7 +529,7 @@ def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int) -> Workers:
                     a.close()
                     if b is not mine:
                         b.close()
-                code = asyncio.run(_worker(cfg, config_path, q, wid, mine))
+                code = asyncio.run(_worker(cfg, config_path, q, wid, mine, daemon_run, n))
             except BaseException:  # never return into the parent's code
                 log.exception("worker %d failed", wid)
             finally:
@@ -544,7 +554,8 @@ def _child_setup(wid: int) -> None:
 
 
 async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int,
-                  link: socket.socket | None = None) -> int:
+                  link: socket.socket | None = None, daemon_run: str = "",
+                  workers: int = 0) -> int:
     from vstack.cli.daemon import reload_config
     from vstack.control import ControlServer
     from vstack.datapath import Datapath
@@ -557,7 +568,7 @@ async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int,
         from vstack.log.recorder import open_sink
 
         sink = open_sink(worker_db(cfg.log.db, wid),
-                         {"config": {"name": cfg.vnic.name, "worker": wid}},
+                         {"config": run_config(cfg.vnic.name, wid, daemon_run, workers)},
                          worker_db(cfg.log.record, wid))
     engine: Any = None
     driver: Any = None

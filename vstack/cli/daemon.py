@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,12 +104,13 @@ def serve(cfg: Config, config_path: Path | None = None) -> int:
         except OSError as e:
             log.warning("execution.nice = %d: %s", cfg.execution.nice, e.strerror)
     removed: list[str] = []
-    global _WORKERS
+    global _WORKERS, _DAEMON_RUN
+    _DAEMON_RUN = uuid.uuid4().hex  # one id for this run in every worker's log
     try:
         if cfg.vnic.queues > 1:  # issue 6: one worker process per extra TUN queue
             from vstack.workers import spawn
 
-            _WORKERS = spawn(cfg, config_path, vnic.tun, cfg.vnic.queues)
+            _WORKERS = spawn(cfg, config_path, vnic.tun, cfg.vnic.queues, _DAEMON_RUN)
         code = asyncio.run(_serve(cfg, config_path, vnic))
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # let teardown finish
@@ -122,6 +124,7 @@ def serve(cfg: Config, config_path: Path | None = None) -> int:
 
 
 _WORKERS: Any = None  # vstack.workers.Workers of this daemon (--workers > 1)
+_DAEMON_RUN = ""  # the id of this daemon run in every worker's run info (run_config)
 
 
 def _open_sink(cfg: Config) -> Any:
@@ -129,8 +132,10 @@ def _open_sink(cfg: Config) -> Any:
     if not cfg.log.db and not cfg.log.record:
         return None
     from vstack.log.recorder import open_sink
+    from vstack.workers import run_config
 
-    return open_sink(cfg.log.db, {"config": cfg.vnic.name}, cfg.log.record)
+    info = run_config(cfg.vnic.name, 0, _DAEMON_RUN or uuid.uuid4().hex, cfg.vnic.queues)
+    return open_sink(cfg.log.db, {"config": info}, cfg.log.record)
 
 
 def _open_engine(cfg: Config, sink: Any) -> tuple[Any, Any]:
