@@ -46,7 +46,10 @@ across flows) still see one worker's share. See ``docs/speed.md``.
 
 Lifetime: workers die with the parent (``PR_SET_PDEATHSIG``), so a ``SIGKILL``ed daemon
 leaves no queue open (the TUN vanishes with its last fd); SIGTERM/SIGINT/SIGHUP sent to
-the parent are forwarded; a worker whose link closes (the parent is gone) stops.
+the parent are forwarded; a worker whose link closes (the parent is gone) stops. The
+parent watches every worker's pidfd (``Workers.watch``): a worker that exits is logged,
+reaped and its link marked dead at once (its queue and flows are gone; the kernel moves
+their packets to the remaining queues), not at the next request.
 """
 
 from __future__ import annotations
@@ -250,8 +253,6 @@ class WorkerLink:
     def _close_transport(self) -> None:
         if self._pump is not None and self._pump is not _current_task():
             self._pump.cancel()
-        if self._opening is not None and not self._opening.done():
-            self._opening.cancel()
         if self._writer is not None:
             self._writer.close()
         elif self._sock is not None:
@@ -265,9 +266,18 @@ class WorkerLink:
         return self._opening
 
     async def _open(self) -> None:
-        assert self._sock is not None
-        self._reader, writer = await asyncio.open_unix_connection(
-            sock=self._sock, limit=self.line_limit)
+        if self._sock is None or self.dead is not None:
+            return
+        try:
+            self._reader, writer = await asyncio.open_unix_connection(
+                sock=self._sock, limit=self.line_limit)
+        except OSError as e:
+            self.mark_dead(f"its link failed ({type(e).__name__}: {e})")
+            return
+        if self.dead is not None:  # marked dead while opening
+            writer.close()
+            self._reader = None
+            return
         for line in self._queued:  # notes sent before the link was open, in order
             writer.write(line)
         self._queued.clear()
@@ -317,6 +327,8 @@ class WorkerLink:
                                  "has probably exited") from None
         finally:
             self._waiting.pop(rid, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved (mark_dead may have set it while we waited)
         if not resp.get("ok"):
             err = resp.get("error") or {}
             self.counters["errors"] += 1
@@ -328,6 +340,9 @@ class WorkerLink:
         if self._writer is None:
             await asyncio.shield(self._open_started())
         if self._writer is None:
+            down = self._unavailable()
+            if down is not None:
+                raise down
             raise EOFError("the link was closed")
         await self._writer.drain()
         return await fut
@@ -465,6 +480,50 @@ class Workers:
         self.pids = list(pids)
         self._socks = list(socks)
         self._links: list[WorkerLink] | None = None
+        self._pidfds: dict[int, int] = {}  # pid -> pidfd, while watched
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.exited: dict[int, str] = {}  # pid -> how it ended (reaped by the watch)
+
+    def watch(self) -> None:
+        """Notice a worker's exit when it happens (``pidfd_open`` + ``add_reader`` on the
+        running loop): log it, mark its link dead (requests fail at once) and reap it."""
+        self._loop = loop = asyncio.get_running_loop()
+        links = {lk.pid: lk for lk in self.links()}
+        for pid in self.pids:
+            if pid in self._pidfds:
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except (OSError, AttributeError) as e:  # gone already (reaped) / no pidfd
+                log.warning("worker pid %d: not watched (%s)", pid, e)
+                continue
+            self._pidfds[pid] = fd
+            loop.add_reader(fd, self._exited, pid, links.get(pid))
+
+    def _exited(self, pid: int, link: WorkerLink | None) -> None:
+        self._unwatch(pid)
+        how = "exited"
+        with contextlib.suppress(ChildProcessError):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                       else f"exited with status {os.waitstatus_to_exitcode(status)}")
+        self.exited[pid] = how
+        self.pids = [p for p in self.pids if p != pid]  # reaped: never signalled again
+        quiet = how in ("exited with status 0", f"killed by signal {signal.SIGTERM.value}",
+                        f"killed by signal {signal.SIGINT.value}")  # e.g. ^C to the group
+        log.log(logging.WARNING if quiet else logging.ERROR,
+                "worker pid %d %s; its queue and flows are gone", pid, how)
+        if link is not None:
+            link.mark_dead(f"its process {how}")
+
+    def _unwatch(self, pid: int) -> None:
+        fd = self._pidfds.pop(pid, None)
+        if fd is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+        os.close(fd)
 
     def links(self, timeout: float = LINK_TIMEOUT_S) -> list[WorkerLink]:
         if self._links is None:
@@ -478,6 +537,8 @@ class Workers:
                 os.kill(pid, sig)
 
     def stop(self, timeout: float = 10.0) -> None:
+        for pid in list(self._pidfds):
+            self._unwatch(pid)
         for s in self._socks:
             s.close()
         self.signal(signal.SIGTERM)

@@ -193,6 +193,7 @@ def test_control_and_management_reach_every_worker(tb: Any, tmp: Path) -> None:
         pid = int(re.findall(r"2 workers: pids (\d+)", d.text())[0])
         tb.run(tb.edge, ["kill", "-KILL", str(pid)])
         killed = True
+        d.wait_log(f"worker pid {pid} killed by signal 9")  # noticed and reaped, unasked
         deadline = time.monotonic() + 10
         while "worker 1" not in json.dumps(d.call("flows").get("unavailable", {})):
             assert time.monotonic() < deadline, d.call("flows")

@@ -575,6 +575,37 @@ def test_check_links_names_a_worker_that_died_while_starting() -> None:
     run(main())
 
 
+def test_a_worker_that_exits_is_noticed_marked_dead_and_reaped() -> None:
+    import os
+    import signal as sig
+
+    from vstack.workers import Workers
+
+    async def main() -> None:
+        pid = os.posix_spawn("/bin/sleep", ["sleep", "60"], dict(os.environ))
+        a, b = socket.socketpair()
+        ws = Workers([pid], [a])
+        try:
+            ws.watch()
+            link = ws.links()[0]
+            os.kill(pid, sig.SIGKILL)
+            for _ in range(500):  # no request needed: the watch sees the exit
+                if link.dead is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert link.dead is not None and "killed by signal 9" in link.dead
+            assert ws.exited == {pid: "killed by signal 9"} and ws.pids == []
+            with pytest.raises(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
+            with pytest.raises(WorkerUnavailable, match="killed by signal 9"):
+                await link.request("stats")
+        finally:
+            ws.stop(timeout=1.0)
+            b.close()
+
+    run(main())
+
+
 def test_vstack_run_defaults_to_one_worker_per_core(tmp_path: Any) -> None:
     import os
 

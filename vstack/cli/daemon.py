@@ -218,6 +218,8 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
         from vstack.services import start_services  # management, monitor, control socket
 
         links = _WORKERS.links() if _WORKERS is not None else []
+        if _WORKERS is not None:
+            _WORKERS.watch()  # a worker that exits is noticed (logged, reaped) at once
         services = await start_services(cfg, dp, engine, driver, sink, workers=links)
         if links:  # a worker that died while starting fails the daemon, as worker 0 would
             from vstack.workers import check_links
