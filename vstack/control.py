@@ -274,8 +274,10 @@ class ControlServer:
             return _encode({"id": rid, "ok": True, "result": to_jsonable(result)})
         except Exception as e:
             self.errors += 1
-            kind = getattr(e, "kind", None)  # a worker's error keeps its type (WorkerError)
-            kind = kind if isinstance(kind, str) and kind else type(e).__name__
+            from vstack.workers import WorkerError
+
+            # a worker's error keeps its type there; any other error is named by its class
+            kind = e.kind if isinstance(e, WorkerError) and e.kind else type(e).__name__
             log.warning("control %s failed: %s: %s", method, kind, e)
             return _encode(_error(rid, kind, str(e)))
 

@@ -83,8 +83,8 @@ UNRESPONSIVE_AFTER = 2  # timeouts in a row after which a link is unresponsive
 
 
 def default_workers() -> int:
-    """One worker per core this process may run on."""
-    return max(1, len(os.sched_getaffinity(0)))
+    """One worker per core this process may run on (at most 256, ``check_workers``)."""
+    return max(1, min(256, len(os.sched_getaffinity(0))))
 
 
 def run_config(name: str, wid: int, daemon_run: str, workers: int) -> dict[str, Any]:
@@ -570,33 +570,47 @@ def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int,
     from vstack.dccp.endpoint import set_port_slice
 
     set_port_slice(0, n)  # raw DCCP client ports: each worker its own slice (no collisions)
-    queues = [open_tun(tun.name, vnet_hdr=tun.vnet_hdr, multi_queue=True)
-              for _ in range(n - 1)]
-    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n - 1)]
-    pids: list[int] = []
-    for wid, q in enumerate(queues, start=1):
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                _child_setup(wid)
-                set_port_slice(wid, n)
-                tun.close()
-                for other in queues:
-                    if other is not q:
-                        other.close()
-                mine = pairs[wid - 1][1]
-                for a, b in pairs:
-                    a.close()
-                    if b is not mine:
-                        b.close()
-                code = asyncio.run(_worker(cfg, config_path, q, wid, mine, daemon_run, n))
-            except BaseException:  # never return into the parent's code
-                log.exception("worker %d failed", wid)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        pids.append(pid)
+    parent = os.getpid()
+    queues: list[Tun] = []
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    pids: list[int] = []  # every child forked so far (stopped if a later step fails)
+    try:
+        for _ in range(n - 1):
+            queues.append(open_tun(tun.name, vnet_hdr=tun.vnet_hdr, multi_queue=True))
+            pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
+        for wid, q in enumerate(queues, start=1):
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                try:
+                    _child_setup(wid, parent)
+                    set_port_slice(wid, n)
+                    tun.close()
+                    for other in queues:
+                        if other is not q:
+                            other.close()
+                    mine = pairs[wid - 1][1]
+                    for a, b in pairs:
+                        a.close()
+                        if b is not mine:
+                            b.close()
+                    code = asyncio.run(_worker(cfg, config_path, q, wid, mine, daemon_run, n))
+                except BaseException:  # never return into the parent's code
+                    log.exception("worker %d failed", wid)
+                finally:
+                    logging.shutdown()
+                    os._exit(code)
+            pids.append(pid)
+    except BaseException as e:
+        log.error("starting %d workers failed (%s); stopping the %d forked", n - 1, e,
+                  len(pids))
+        Workers(pids, [a for a, _b in pairs]).stop(timeout=5.0)
+        for q in queues:
+            q.close()
+        for _a, b in pairs:
+            b.close()
+        set_port_slice(0, 1)
+        raise
     for q in queues:
         q.close()  # the workers hold them
     for _a, b in pairs:
@@ -605,12 +619,14 @@ def spawn(cfg: Config, config_path: Path | None, tun: Tun, n: int,
     return Workers(pids, [a for a, _b in pairs])
 
 
-def _child_setup(wid: int) -> None:
+def _child_setup(wid: int, parent: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before PDEATHSIG was set: no signal comes
+        os._exit(0)
     _tag_logs(wid)
 
 

@@ -606,6 +606,75 @@ def test_a_worker_that_exits_is_noticed_marked_dead_and_reaped() -> None:
     run(main())
 
 
+def test_spawn_failing_midway_stops_the_workers_already_forked(monkeypatch: Any) -> None:
+    import os
+
+    import vstack.workers as workers
+    from vstack.dccp import endpoint
+
+    class FakeQueue:
+        name, vnet_hdr, closed = "vsq0", False, False
+
+        def close(self) -> None:
+            self.closed = True
+
+    made: list[FakeQueue] = []
+
+    def fake_open_tun(*_a: Any, **_k: Any) -> FakeQueue:
+        made.append(FakeQueue())
+        return made[-1]
+
+    child = os.posix_spawn("/bin/sleep", ["sleep", "60"], dict(os.environ))
+    forks = iter([child])
+
+    def fake_fork() -> int:
+        pid = next(forks, None)
+        if pid is None:
+            raise OSError(11, "Resource temporarily unavailable")
+        return pid
+
+    monkeypatch.setattr(workers, "open_tun", fake_open_tun)
+    monkeypatch.setattr(os, "fork", fake_fork)
+    try:
+        with pytest.raises(OSError, match="temporarily unavailable"):
+            workers.spawn(Config(), None, FakeQueue(), 3)  # type: ignore[arg-type]
+    finally:
+        endpoint.set_port_slice(0, 1)
+    with pytest.raises(ChildProcessError):  # the forked one was stopped and reaped
+        os.waitpid(child, os.WNOHANG)
+    assert len(made) == 2 and all(q.closed for q in made)
+
+
+def test_default_workers_is_capped(monkeypatch: Any) -> None:
+    import os
+
+    from vstack.workers import check_workers, default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(1000)))
+    assert default_workers() == 256 == check_workers(default_workers())
+
+
+def test_only_a_worker_error_keeps_its_kind() -> None:
+    class Odd(Exception):
+        kind = "Spoofed"
+
+    def boom(_p: dict[str, Any]) -> Any:
+        raise Odd("x")
+
+    def worker_boom(_p: dict[str, Any]) -> Any:
+        raise WorkerError(1, "FlowNotFound", "no flow")
+
+    server = ControlServer("", {"boom": boom, "wboom": worker_boom})
+
+    async def main() -> tuple[Any, Any]:
+        r1 = json.loads(await server.dispatch(b'{"id": 1, "method": "boom"}'))
+        r2 = json.loads(await server.dispatch(b'{"id": 2, "method": "wboom"}'))
+        return r1, r2
+
+    r1, r2 = run(main())
+    assert r1["error"]["type"] == "Odd" and r2["error"]["type"] == "FlowNotFound"
+
+
 def test_vstack_run_defaults_to_one_worker_per_core(tmp_path: Any) -> None:
     import os
 
