@@ -33,9 +33,11 @@ the control socket's protocol and dispatcher, ``ControlServer.dispatch``):
   ``why`` go to the worker that knows the flow; ``stats`` gives per-worker counters and
   their totals (``vstack.services``).
 
-``WorkerLink`` is the parent's client of one link: requests are serialised, each bounded by
-a timeout; a worker that died or does not answer is a clear ``WorkerUnavailable`` error,
-never a hang (a late answer is recognised by its id and dropped).
+``WorkerLink`` is the parent's client of one link: requests go out as they come and one
+reader task matches answers by id; each request is bounded by a timeout covering all its
+waiting; a worker that died, does not answer, or is marked unresponsive (two timeouts in a
+row, until it answers again) is a clear ``WorkerUnavailable`` error (a late answer is
+recognised by its id and dropped); a bad answer fails one request, never the link.
 
 **Decision log.** Each worker writes its own log (worker ``k`` > 0: ``<db>-w<k>``, trace
 ``<record>-w<k>``): SQLite takes one writer at a time, and forwarding every record to the

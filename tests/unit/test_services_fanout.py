@@ -145,10 +145,17 @@ class Host:
     """A parent (worker 0) and ``len(ports)-1`` workers on socketpairs."""
 
     def __init__(self, ports: list[list[int]], engines: bool = False,
-                 timeout: float = 2.0) -> None:
+                 timeout: float = 2.0, rules: Any = None) -> None:
         self.dps = [FakeDatapath(p) for p in ports]
-        self.engines = [FakeEngine() for _ in ports] if engines else [None] * len(ports)
+        self.engines: list[Any] = ([FakeEngine() for _ in ports] if engines
+                                   else [None] * len(ports))
         self.drivers = [FakeDriver(e) if e is not None else None for e in self.engines]
+        if rules is not None:  # real rule engines over the stand-in datapaths
+            from vstack.decision.engine import RulesFile
+
+            self.engines = [RulesFile(str(rules)).engine(dp, None, backend="reference")  # type: ignore[arg-type]
+                            for dp in self.dps]
+            self.drivers = [None] * len(ports)
         self.svcs = [local_services(Config(), dp, e, d, None)
                      for dp, e, d in zip(self.dps, self.engines, self.drivers, strict=True)]
         self.timeout = timeout
@@ -496,6 +503,34 @@ def test_events_naming_a_flow_go_to_its_owner_only() -> None:
             stats = await parent.handlers()["stats"]({})
             assert stats["forwarding"] == {"to_owner": 2, "no_owner": 1}
             assert stats["links"]["1"]["unresponsive"] is False
+
+    run(main())
+
+
+def test_a_flow_event_runs_rules_on_the_owner_only_with_real_engines(tmp_path: Any) -> None:
+    rules = tmp_path / "r.rules"
+    rules.write_text("rule m: on mgmt.switch then use_stack(stack)\n")
+
+    async def main() -> None:
+        h = Host([[5000], [6000], [7000]], rules=rules)
+        async with h as parent:
+            local = h.engines[0]
+
+            def to_local(ev: Event) -> None:
+                local.submit(ev, ev.time)
+
+            submit = parent.submit_everywhere(to_local)
+            submit(Event("mgmt.switch", time.time(), {"stack": "dccp"}, _flow(7000)))
+            for _ in range(200):
+                if parent.forwarding["to_owner"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert h.dps[2].calls == [("switch", _flow(7000), "dccp", "m")]
+            assert h.dps[0].calls == [] and h.dps[1].calls == []
+            # before: worker 0 and 1 made a phantom flow, ran the rule, and its action
+            # failed with FlowNotFound there
+            assert [e.stats["action_errors"] for e in h.engines] == [0, 0, 0]
+            assert [e.stats["events"] for e in h.engines] == [0, 0, 1]
 
     run(main())
 
