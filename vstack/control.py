@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -99,14 +100,16 @@ def flows_limit(params: Mapping[str, Any]) -> int:
 
 
 def flows_result(flows: Iterable[FlowInfo], log_dropped: int | None = None,
-                 limit: int | None = None) -> dict[str, Any]:
+                 limit: int | None = None, total: int | None = None) -> dict[str, Any]:
     """What the daemon's ``flows`` handler should return: at most ``limit`` flows (only
-    those are encoded), ``total`` (how many there are), ``truncated`` when some were left
-    out, and the decision-log writer's dropped-record count when there is a writer."""
+    those are encoded), ``total`` (how many there are; default: len of ``flows``),
+    ``truncated`` when some were left out, and the decision-log writer's dropped-record
+    count when there is a writer."""
     fl = flows if isinstance(flows, list) else list(flows)
     shown = fl if limit is None or len(fl) <= limit else fl[:limit]
-    out: dict[str, Any] = {"flows": [flowinfo_to_dict(f) for f in shown], "total": len(fl)}
-    if len(shown) < len(fl):
+    n = len(fl) if total is None else total
+    out: dict[str, Any] = {"flows": [flowinfo_to_dict(f) for f in shown], "total": n}
+    if len(shown) < n:
         out["truncated"] = True
     if log_dropped is not None:
         out["log_dropped"] = log_dropped
@@ -122,8 +125,17 @@ def actuator_handlers(actuator: Actuator,
     attributed to the rule ``"cli"`` in the decision log."""
 
     def flows(params: dict[str, Any]) -> Any:
-        return flows_result(actuator.flows(), log_dropped() if log_dropped else None,
-                            flows_limit(params))
+        limit = flows_limit(params)
+        dropped = log_dropped() if log_dropped else None
+        table: Any = getattr(actuator, "table", None)
+        info = getattr(actuator, "flow_info", None)
+        if callable(info) and hasattr(table, "__len__") and hasattr(table, "__iter__"):
+            # the datapath's flow table: build only the first ``limit`` flows' views, not
+            # all of them (10^6 flows: O(limit) work on the loop, not O(flows))
+            keys = itertools.islice(iter(table), limit)
+            shown = [f for f in map(info, keys) if f is not None]
+            return flows_result(shown, dropped, limit, total=len(table))
+        return flows_result(actuator.flows(), dropped, limit)
 
     def switch(params: dict[str, Any]) -> Any:
         flow, stack = params.get("flow"), params.get("stack")

@@ -345,6 +345,48 @@ def test_flows_are_capped_with_the_total() -> None:
     run(main())
 
 
+def test_flows_of_a_huge_table_build_only_the_first_limit() -> None:
+    from vstack.control import actuator_handlers
+
+    class HugeTable:
+        def __len__(self) -> int:
+            return 10**6
+
+        def __iter__(self) -> Any:
+            return (_flow(p % 65536) for p in range(10**6))
+
+    class HugeDatapath(FakeDatapath):
+        table = HugeTable()
+        asked = 0
+
+        def flows(self) -> list[FlowInfo]:
+            raise AssertionError("every flow's view was built")
+
+        def flow_info(self, flow: FlowKey) -> FlowInfo | None:
+            self.asked += 1
+            return FlowInfo(flow, "udp", "", "10.201.1.2:9000", 1, 1, 10, 10, "r", 0.0, 0.0)
+
+    dp = HugeDatapath([])
+    res = actuator_handlers(dp)["flows"]({"limit": 3})  # type: ignore[arg-type]
+    assert len(res["flows"]) == 3 and res["total"] == 10**6 and res["truncated"]
+    assert dp.asked == 3
+
+
+def test_a_link_marked_dead_while_opening_fails_its_request_cleanly() -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        link = WorkerLink(5, a, 55, timeout=2.0)
+        task = asyncio.create_task(link.request("stats"))
+        await asyncio.sleep(0)  # the request is sent and waits for the link to open
+        link.mark_dead("its process exited with status 1")
+        # before: the opening was cancelled and the request raised CancelledError
+        with pytest.raises(WorkerUnavailable, match="exited with status 1"):
+            await task
+        b.close()
+
+    run(main())
+
+
 @given(st.sampled_from(["mgmt.switch", "mgmt.congestion", "link.down"]),
        st.floats(0, 2e9), st.dictionaries(st.text(min_size=1, max_size=8),
                                           st.integers() | st.text(max_size=8), max_size=4),
