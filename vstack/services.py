@@ -31,8 +31,8 @@ What connects to what (everything on the one loop; nothing here starts a thread)
 With several workers (``vstack.workers``; ``start_services(..., workers=links)`` in the
 parent, worker 0) the control handlers fan out over the links (``fan_*``: flows merged and
 tagged ``worker``, ``switch``/``why`` to the owner, ``stats`` per worker and summed,
-``rules_reload`` here first and then on every worker whose file has the same version:
-not atomic, a failure names each worker's version), and management / monitor events are
+``rules_reload`` in two phases: every worker checks its file has worker 0's version and
+holds it, then all swap it in; see ``fan_rules_reload``), and management / monitor events are
 forwarded (``submit_everywhere``): one without a flow to every worker's engine (one way,
 no answer awaited), one naming a flow only to the worker that owns it (the workers are
 asked; the others answer "not mine" and submit nothing; no owner: counted as
@@ -220,6 +220,7 @@ class Services:
     workers: list[Any] = field(default_factory=list)  # vstack.workers.WorkerLink, 1..N-1
     forwarding: Counter[str] = field(default_factory=Counter)  # events to workers
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)  # owner look-ups
+    _prepared: Any = None  # rules held by rules_prepare until rules_commit / rules_abort
     started: float = field(default_factory=time.time)
     _closed: bool = False
 
@@ -230,6 +231,14 @@ class Services:
         if self.workers:
             h.update(flows=self.fan_flows, switch=self.fan_switch, why=self.fan_why,
                      stats=self.fan_stats, rules_reload=self.fan_rules_reload)
+        return h
+
+    def link_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """What a worker serves on its link: its handlers, ``event`` and the two phases
+        of a rules reload (not on any control socket)."""
+        h = self.handlers()
+        h.update(event=self.event, rules_prepare=self.rules_prepare,
+                 rules_commit=self.rules_commit, rules_abort=self.rules_abort)
         return h
 
     def local_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
@@ -360,24 +369,48 @@ class Services:
         return merged
 
     async def fan_rules_reload(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Reload here; a bad file stops here (no worker is touched). Then every worker
-        reloads only if its file has the version loaded here (``expect_version``: the
-        file was not edited in between). Not atomic: a worker that fails (or refuses)
-        keeps its old rules while the others run the new ones; that is an error naming
-        each worker and the version it runs."""
-        out = self.rules_reload(params)
-        version = out["version"]
-        answers = await self._ask_all("rules_reload", {**params, "expect_version": version})
-        failed = {w: a for w, a in answers.items() if isinstance(a, Exception)}
-        runs = {"0": version, **{str(w): a.get("version") for w, a in sorted(answers.items())
+        """Reload in two phases so a file edited in between, or any worker that cannot
+        load it, leaves the old rules running everywhere: worker 0 parses and checks its
+        file (a bad file stops here, no worker asked); every worker parses and checks its
+        own and holds it only if it has the same version (``rules_prepare``); if one
+        refuses, all drop what they hold (``rules_abort``) and nothing changed anywhere.
+        Then worker 0 and every worker swap the held rules in (``rules_commit``). Only a
+        failure in that last step (a worker gone, a backend failing to compile) leaves
+        mixed versions: an error naming each worker and the version it runs."""
+        if self.driver is None or self.engine is None:
+            raise RulesReloadError("no rules to reload: the daemon runs the static selector "
+                                   "([decision] rules is not set)")
+        rules = self.driver.rules
+        old = self.engine.rules_version
+        rs = self._load_rules(rules, old, None)
+        version = _rules_version(rs)
+        prepared = await self._ask_all("rules_prepare", {"expect_version": version})
+        refused = {w: a for w, a in prepared.items() if isinstance(a, Exception)}
+        if refused:
+            await self._ask_all("rules_abort", {})
+            keep = {"0": old, **{str(w): a.get("running") for w, a in sorted(prepared.items())
                                  if isinstance(a, dict)}}
+            raise RulesReloadError(
+                f"rules version {version} loaded nowhere (running: "
+                + ", ".join(f"worker {w} {v}" for w, v in keep.items()) + "); refused by "
+                + "; ".join(f"worker {w}: {e}" for w, e in sorted(refused.items())))
+        try:
+            self._apply_rules(rs, old)
+        except RulesReloadError:
+            await self._ask_all("rules_abort", {})
+            raise
+        committed = await self._ask_all("rules_commit", {"version": version})
+        failed = {w: a for w, a in committed.items() if isinstance(a, Exception)}
+        runs = {"0": version, **{str(w): a.get("version")
+                                 for w, a in sorted(committed.items()) if isinstance(a, dict)}}
         if failed:
             raise RulesReloadError(
                 f"rules version {version} loaded on worker(s) {', '.join(sorted(runs))}; "
                 "NOT on " + "; ".join(f"worker {w}: {e}" for w, e in sorted(failed.items()))
                 + " - the daemon runs mixed rules until a reload succeeds everywhere")
-        out["workers"] = runs
-        return out
+        return {"file": getattr(rules, "path", ""), "version": version, "previous": old,
+                "rules": len(self.engine.ruleset.rules),
+                "warnings": len(getattr(rules, "warnings", []) or []), "workers": runs}
 
     def _log_dropped(self) -> int | None:
         d = getattr(self.sink, "dropped", None) if self.sink is not None else None
@@ -402,35 +435,63 @@ class Services:
         return out
 
     def rules_reload(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Reload the rules file. With ``expect_version`` (a worker, asked by the parent)
-        the file is parsed first and refused unless it has that version."""
         if self.driver is None or self.engine is None:
             raise RulesReloadError("no rules to reload: the daemon runs the static selector "
                                    "([decision] rules is not set)")
         rules = self.driver.rules
         old = self.engine.rules_version
-        expect = params.get("expect_version")
-        if expect is not None:
-            if not isinstance(expect, str):
-                raise ValueError("'expect_version' must be a rules version string")
-            self._reload_expecting(rules, expect, old)
-        elif not self.driver.reload():
+        if not self.driver.reload():
             err = getattr(rules, "last_error", None) or "reload failed"
             raise RulesReloadError(f"{err}\n(kept rules version {old})")
         return {"file": getattr(rules, "path", ""), "version": self.engine.rules_version,
                 "previous": old, "rules": len(self.engine.ruleset.rules),
                 "warnings": len(getattr(rules, "warnings", []) or [])}
 
-    def _reload_expecting(self, rules: Any, expect: str, old: str) -> None:
+    # -- the two phases of a reload over workers (a worker's link methods)
+    def rules_prepare(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Parse and check this worker's rules file and hold it, unless its version is not
+        ``expect_version`` (the file was edited after worker 0 read it)."""
+        expect = params.get("expect_version")
+        if not isinstance(expect, str):
+            raise ValueError("rules_prepare needs 'expect_version' (a rules version)")
+        if self.driver is None or self.engine is None:
+            raise RulesReloadError("no rules here ([decision] rules is not set)")
+        old = self.engine.rules_version
+        self._prepared = None
+        self._prepared = self._load_rules(self.driver.rules, old, expect)
+        return {"version": expect, "running": old}
+
+    def rules_commit(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Swap in the rules ``rules_prepare`` holds (of ``version``)."""
+        rs, self._prepared = self._prepared, None
+        if self.engine is None or rs is None or _rules_version(rs) != params.get("version"):
+            raise RulesReloadError(f"no rules version {params.get('version')} prepared here")
+        old = self.engine.rules_version
+        self._apply_rules(rs, old)
+        return {"version": self.engine.rules_version, "previous": old}
+
+    def rules_abort(self, params: dict[str, Any]) -> dict[str, Any]:
+        held, self._prepared = self._prepared is not None, None
+        return {"dropped": held}
+
+    def _load_rules(self, rules: Any, old: str, expect: str | None) -> Any:
         try:
             rs = rules.load()
         except Exception as e:  # RulesSyntaxError, RulesCheckError, OSError
+            with contextlib.suppress(Exception):
+                rules.last_error = str(e)
+                st = self.engine.stats
+                st["reload_errors"] = st.get("reload_errors", 0) + 1
             raise RulesReloadError(f"{e}\n(kept rules version {old})") from None
-        version = (rs.source_hash or "0" * 12)[:12]
-        if version != expect:
+        version = _rules_version(rs)
+        if expect is not None and version != expect:
             raise RulesReloadError(
                 f"its rules file is version {version}, not {expect} as loaded by worker 0 "
                 f"(edited in between?); kept rules version {old}")
+        return rs
+
+    def _apply_rules(self, rs: Any, old: str) -> None:
+        assert self.engine is not None
         try:
             self.engine.reload(rs)
         except Exception as e:
@@ -481,6 +542,11 @@ class Services:
             with contextlib.suppress(Exception):
                 self.mgmt.close()
         self.control = self.monitor = self.mgmt = None
+
+
+def _rules_version(rs: Any) -> str:
+    """A parsed rule set's version, as the engine names it (its source hash, 12 digits)."""
+    return str(rs.source_hash or "0" * 12)[:12]
 
 
 def _owns(datapath: Any, flow: FlowKey) -> bool:

@@ -25,10 +25,12 @@ the control socket's protocol and dispatcher, ``ControlServer.dispatch``):
   others answer "not mine" without submitting it);
 * ``vstack rules reload`` reloads the parent's rules first: a bad file is refused there
   with its positioned error and no worker is touched (the old rules keep running
-  everywhere); a good one is then reloaded on every worker whose file parses to the same
-  version (``expect_version``; a file edited in between is refused there). This is not
-  atomic: a worker that fails keeps its old rules, and the answer is an error naming
-  every worker and the version it runs. SIGHUP is forwarded too;
+  everywhere); a good one is then prepared on every worker (``rules_prepare``: parsed,
+  checked and held only if it has the parent's version; a file edited in between is
+  refused) and, if all hold it, swapped in everywhere (``rules_commit``); if one refuses,
+  all drop it (``rules_abort``) and nothing changed. Only a failure in the swap itself
+  leaves mixed versions, reported as an error naming every worker's version. SIGHUP is
+  forwarded too (each process reloads on its own);
 * ``vstack flows`` merges every worker's flows (each tagged ``worker``); ``switch`` and
   ``why`` go to the worker that knows the flow; ``stats`` gives per-worker counters and
   their totals (``vstack.services``).
@@ -425,7 +427,8 @@ class WorkerLink:
 
     async def close(self) -> None:
         if self.dead is None:
-            self.mark_dead("the daemon is stopping")
+            self.dead = "the daemon is stopping"  # not an error: nothing logged
+        self.mark_dead(self.dead)  # fails what still waits
         self._close_transport()
 
 
@@ -674,7 +677,7 @@ async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int,
         dp.tap = recorder.packet
     dp.on_failure = lambda _msg: stop.set()
     svc = local_services(cfg, dp, engine, driver, sink)
-    server = ControlServer("", {**svc.handlers(), "event": svc.event})
+    server = ControlServer("", svc.link_handlers())
 
     def reload() -> None:
         if config_path is not None:

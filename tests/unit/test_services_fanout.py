@@ -166,7 +166,7 @@ class Host:
     async def __aenter__(self) -> Services:
         for wid, svc in enumerate(self.svcs[1:], start=1):
             a, b = socket.socketpair()
-            server = ControlServer("", {**svc.handlers(), "event": svc.event})
+            server = ControlServer("", svc.link_handlers())
             self.tasks.append(asyncio.create_task(serve_link(b, server.dispatch)))
             self.links.append(WorkerLink(wid, a, 1000 + wid, self.timeout))
             self.worker_socks.append(b)
@@ -464,7 +464,7 @@ def test_stats_per_worker_and_totals() -> None:
     run(main())
 
 
-def test_rules_reload_refused_everywhere_or_reported_per_worker() -> None:
+def test_rules_reload_everywhere_or_nowhere() -> None:
     async def main() -> None:
         h = Host([[5000], [6000], [7000]], engines=True)
         async with h as parent:
@@ -480,8 +480,8 @@ def test_rules_reload_refused_everywhere_or_reported_per_worker() -> None:
             res = await parent.handlers()["rules_reload"]({})
             assert res["workers"] == {"0": "v2", "1": "v2", "2": "v2"}
             assert [e.rules_version for e in h.engines if e] == ["v2", "v2", "v2"]
-            # worker 2's file was edited between the parent's reload and its own: refused
-            # there (before: it loaded v4 while the others ran v3), and said per worker
+            # worker 2's file was edited after the parent read it: refused there, and so
+            # nowhere (before: the parent and worker 1 ran v3, worker 2 v4)
             for d in h.drivers:
                 assert d is not None
                 d.version = "v3"
@@ -490,9 +490,25 @@ def test_rules_reload_refused_everywhere_or_reported_per_worker() -> None:
             with pytest.raises(RulesReloadError) as ei:
                 await parent.handlers()["rules_reload"]({})
             msg = str(ei.value)
-            assert "loaded on worker(s) 0, 1" in msg and "NOT on worker 2" in msg
-            assert "version v4, not v3" in msg and "kept rules version v2" in msg
-            assert [e.rules_version for e in h.engines if e] == ["v3", "v3", "v2"]
+            assert "version v3 loaded nowhere" in msg and "kept rules version v2" in msg
+            assert "worker 2: its rules file is version v4, not v3" in msg
+            assert [e.rules_version for e in h.engines if e] == ["v2", "v2", "v2"]
+            assert all(svc._prepared is None for svc in h.svcs)  # aborted everywhere
+            # a failure in the last step (worker 1's engine cannot swap): named, per version
+            h.drivers[2].version = "v3"
+            e1 = h.engines[1]
+            assert e1 is not None
+
+            def broken(_rs: Any) -> None:
+                raise RuntimeError("backend failed to compile")
+
+            e1.reload = broken
+            with pytest.raises(RulesReloadError) as ei:
+                await parent.handlers()["rules_reload"]({})
+            msg = str(ei.value)
+            assert "loaded on worker(s) 0, 2" in msg and "NOT on worker 1" in msg
+            assert "mixed rules" in msg
+            assert [e.rules_version for e in h.engines if e] == ["v3", "v2", "v3"]
 
     run(main())
 
