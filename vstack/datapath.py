@@ -38,6 +38,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import math
 import os
 import socket
 import struct
@@ -547,7 +548,10 @@ class Datapath:
             cold = self._cold = table.keys()
             self._cold_i = 0
         ex = self.config.execution
-        rounds = max(1, int(ex.idle_timeout_s / max(ex.metrics_interval_s, 1e-3) / 4))
+        idle_s = ex.idle_timeout_s
+        # inf ("never expire") visits the idle flows in one round, as a short timeout would
+        rounds = (max(1, int(idle_s / max(ex.metrics_interval_s, 1e-3) / 4))
+                  if math.isfinite(idle_s) else 1)
         per = max(COLD_PER_TICK, -(-len(cold) // rounds))
         i = self._cold_i
         self._cold_i = j = min(i + per, len(cold))
@@ -577,7 +581,9 @@ class Datapath:
             return False
         e.last_activity = activity
         last = self.table.touch_last(key, mono)
-        dt = max(mono - (mono if last is None else last), 1e-6)
+        if last is None:  # gone from the table since it was listed
+            return False
+        dt = max(mono - last, 1e-6)
         t = e.totals()
         p = e.last_metrics
         e.last_metrics = t

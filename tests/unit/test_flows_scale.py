@@ -327,3 +327,57 @@ def test_a_reload_changes_the_fallback_stack_all_flows_share() -> None:
             tun.close()
 
     asyncio.run(main())
+
+
+def test_reader_mux_one_failing_reader_does_not_starve_the_others() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        mux = ReaderMux.of(loop)
+        bad_a, bad_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        good_a, good_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        got: list[bytes] = []
+
+        class Bad:
+            def on_readable(self) -> None:
+                raise RuntimeError("a flow's bug")
+
+        class Good:
+            def on_readable(self) -> None:
+                got.append(good_a.recv(100))
+
+        for s in (bad_a, good_a):
+            s.setblocking(False)
+        mux.add(bad_a.fileno(), Bad())
+        mux.add(good_a.fileno(), Good())
+        bad_b.send(b"x")  # stays unread: reported at every wakeup
+        for i in range(3):
+            good_b.send(bytes([i]))
+        await until(lambda: len(got) == 3)
+        assert got == [b"\x00", b"\x01", b"\x02"] and mux.errors >= 1
+        mux.remove(bad_a.fileno())
+        mux.remove(good_a.fileno())
+        assert loop not in ReaderMux._muxes  # the empty mux lets its loop go
+        for s in (bad_a, bad_b, good_a, good_b):
+            s.close()
+
+    asyncio.run(main())
+
+
+def test_tick_with_flows_that_never_expire() -> None:
+    """``idle_timeout_s = inf`` (never expire) is valid: the sweep still runs."""
+    async def main() -> None:
+        dp, app, tun, port, tr = await _bed(_Drop(), idle_timeout_s=float("inf"))
+        try:
+            for i in range(5):
+                _send(app, i, port)
+            await _created(dp, 5)
+            dp.tick()
+            dp.tick()
+            assert dp.stats()["flows"] == 5
+        finally:
+            dp.close()
+            tr.close()
+            app.close()
+            tun.close()
+
+    asyncio.run(main())

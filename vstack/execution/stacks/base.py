@@ -12,11 +12,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import logging
 import select
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
+
+log = logging.getLogger("vstack.stacks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,7 @@ class ReaderMux:
     closes its epoll when its last socket leaves).
     """
 
-    __slots__ = ("__weakref__", "_ep", "_handlers", "_loop", "wakeups")
+    __slots__ = ("__weakref__", "_ep", "_handlers", "_loop", "errors", "wakeups")
     _muxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReaderMux] = (
         weakref.WeakKeyDictionary())
     MAX_EVENTS = 256
@@ -134,6 +137,7 @@ class ReaderMux:
         self._ep: select.epoll | None = None
         self._handlers: dict[int, Readable] = {}
         self.wakeups = 0
+        self.errors = 0
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> ReaderMux:
@@ -149,8 +153,13 @@ class ReaderMux:
         """Call ``handler.on_readable()`` whenever ``fd`` is readable (until ``remove``)."""
         ep = self._ep
         if ep is None:
-            ep = self._ep = select.epoll()
-            self._loop.add_reader(ep.fileno(), self._ready)
+            ep = select.epoll()
+            try:
+                self._loop.add_reader(ep.fileno(), self._ready)
+            except BaseException:  # e.g. a closed loop: nobody would watch this epoll
+                ep.close()
+                raise
+            self._ep = ep
         ep.register(fd, select.EPOLLIN)
         self._handlers[fd] = handler
 
@@ -168,6 +177,8 @@ class ReaderMux:
             with contextlib.suppress(ValueError, RuntimeError, OSError):
                 self._loop.remove_reader(ep.fileno())
             ep.close()
+            if ReaderMux._muxes.get(self._loop) is self:  # the mux holds its loop strongly
+                del ReaderMux._muxes[self._loop]
 
     def _ready(self) -> None:
         ep = self._ep
@@ -177,5 +188,10 @@ class ReaderMux:
         handlers = self._handlers
         for fd, _ev in ep.poll(0, self.MAX_EVENTS):
             h = handlers.get(fd)
-            if h is not None:
+            if h is None:
+                continue
+            try:
                 h.on_readable()
+            except Exception:  # one flow's bug must not starve the others' replies
+                self.errors += 1
+                log.exception("reader for fd %d failed", fd)

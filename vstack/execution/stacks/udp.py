@@ -2,8 +2,9 @@
 
 The socket carries ``SO_MARK`` (the VNIC's fwmark: it leaves by the main routing table and
 never loops back into the TUN) and ``SO_BINDTODEVICE`` when the flow is pinned to an
-interface. Replies are read from the event loop (``add_reader``), drained until EAGAIN (at
-most ``batch`` per wakeup), and handed to the endpoint. ``retarget`` reconnects in place.
+interface. Replies are read from the event loop through the loop's shared epoll
+(``ReaderMux``, one registration per socket), drained until EAGAIN (at most ``batch`` per
+wakeup), and handed to the endpoint. ``retarget`` reconnects in place.
 """
 
 from __future__ import annotations
