@@ -18,11 +18,11 @@ Options (``ctx.options``, from config ``[stacks.udplite]`` or a decision):
 * ``dscp``.
 
 Both coverages take 0 or 8..65535. Everything else - connected non-blocking socket,
-SO_MARK, SO_BINDTODEVICE, batch draining through the shared ``ReaderMux``, drops on EAGAIN, ``retarget``
-in place, DSCP - is the UDP stack's code, inherited (``open`` with this socket protocol and
-the coverages set before ``connect``). Runs of datagrams (``send_many``/``send_gso``) go
-out one ``send`` each: the kernel refuses ``UDP_SEGMENT`` on UDP-Lite (EIO), so UDP GSO
-and GRO stay off.
+SO_MARK, SO_BINDTODEVICE, batch draining through the shared ``ReaderMux``, drops on
+EAGAIN, ``retarget`` in place, DSCP - is the UDP stack's code, inherited (``open`` with
+this socket protocol and the coverages set before ``connect``). Runs of datagrams
+(``send_many``/``send_gso``) go out one ``send`` each: the kernel refuses ``UDP_SEGMENT``
+on UDP-Lite (EIO), so UDP GSO and GRO stay off.
 """
 
 from __future__ import annotations
