@@ -221,6 +221,7 @@ def test_rules_reload_and_management_events_reach_both_engines(tb: Any, tmp: Pat
     rules = tmp / "live.rules"
     congested = ("rule congested priority 10: on mgmt.congestion\n"
                  '    if proto == "udp" and stack == "udp" and level > 0.7 then use_stack(dccp)\n')
+    congested += "rule m: on mgmt.switch then use_stack(stack)\n"
     rules.write_text('rule old_rule: on flow.new if proto == "udp" then use_stack(udp)\n'
                      + congested)
     d = Daemon(tb, tmp, (
@@ -251,6 +252,17 @@ def test_rules_reload_and_management_events_reach_both_engines(tb: Any, tmp: Pat
         flows = _flows_from(d, 44000, lambda f: f["stack"] == "dccp")
         assert {f["rule"] for f in flows.values()} == {"congested"}
         assert set(_per_worker(flows)) == {0, 1}
+        # a management switch naming a flow of worker 1: its rules run there only (before:
+        # on every engine, a phantom flow and a failed action on worker 0)
+        on1 = next(k for k, f in flows.items() if f["worker"] == 1)
+        _send_mgmt(tb, mgmt, KEY, {"type": "switch", "flow": on1, "stack": "udp"})
+        deadline = time.monotonic() + 30
+        while not any(f["flow"] == on1 and f["rule"] == "m" for f in d.flows()):
+            assert time.monotonic() < deadline, d.flows()
+            time.sleep(0.1)
+        st = d.stats()
+        assert [s["engine"].get("action_errors", 0) for s in st["workers"].values()] == [0, 0]
+        assert st["forwarding"].get("to_owner") == 1, st["forwarding"]
         _finish(app)
 
         # a broken file: refused with its position, the old rules stay on both workers
