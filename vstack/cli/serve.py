@@ -163,8 +163,13 @@ async def _count_file_loop(counter: BinCounter, path: str, stop: asyncio.Event) 
     while True:
         now = (counter.packets, counter.bytes)
         if now != last:
-            Path(tmp).write_text(f"{now[0]} {now[1]}\n")
-            os.replace(tmp, path)
+            try:
+                Path(tmp).write_text(f"{now[0]} {now[1]}\n")
+                os.replace(tmp, path)
+            except OSError as e:  # the count is a side channel: the server goes on
+                print(f"vstack: warning: --count-file {path}: {e.strerror or e}; "
+                      "no longer written", file=sys.stderr, flush=True)
+                return
             last = now
         if stop.is_set():
             return

@@ -103,7 +103,9 @@ class Ccid2Sender:
 
     def set_max_cwnd(self, max_cwnd: int) -> None:
         self.config.max_cwnd = max(2, max_cwnd)
-        self.cwnd = min(self.cwnd, self.config.max_cwnd)
+        if self.cwnd > self.config.max_cwnd:
+            self.cwnd = self.config.max_cwnd
+            self._ca_count = 0  # counted towards the larger window
 
     def desired_ack_ratio(self) -> int:
         """RFC 4341 §6.1.2: Ack Ratio at most cwnd/2 (and at least 1)."""
@@ -180,7 +182,7 @@ class Ccid2Sender:
             n -= inc
         ca = self._ca_count
         while n > 0:
-            need = cwnd - ca
+            need = max(1, cwnd - ca)  # ca may exceed a cwnd that shrank since
             if n >= need:
                 n -= need
                 ca = 0

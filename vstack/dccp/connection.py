@@ -757,7 +757,10 @@ class DccpConnection:
             return
         want = self.ccid.desired_ack_ratio()
         pending = ("L", ft.ACK_RATIO) in self.features.pending_features()
-        if want != self.features.local[ft.ACK_RATIO] and not pending:
+        have = self.features.local[ft.ACK_RATIO]
+        # RFC 4341 §6.1.2 keeps Ack Ratio <= cwnd/2: a lower value replaces an unconfirmed
+        # Change at once (as Linux's ccid2_change_l_ack_ratio does); a higher one waits
+        if want != have and (not pending or want < have):
             self.features.change_local(ft.ACK_RATIO, (want,))
             self.features.local[ft.ACK_RATIO] = want  # NN: takes effect when sent (§6.3.2)
             self._ack_now = True

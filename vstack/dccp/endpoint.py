@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import random
 import socket
 import struct
@@ -77,6 +78,8 @@ from vstack.dccp.transport import (
     UdpDccpSocket,
     open_socket,
 )
+
+log = logging.getLogger("vstack.dccp")
 
 if TYPE_CHECKING:
     from vstack.cli.serve import BinCounter
@@ -231,10 +234,18 @@ class DccpEndpoint:
         now = self.now()
         pkts = self.conn.packets_to_send_plain(now)  # plain Data as (seq, payload)
         if pkts:
+            st = self.stats
+            before = st.tx_packets + st.tx_dropped
             try:
                 self._send_packets(pkts)
-            except TransportError:
-                self.stats.tx_dropped += len(pkts)
+            except (TransportError, ValueError, struct.error, BufferError) as e:
+                # a local failure: the packets not yet accounted are dropped (CCID2 sees
+                # them lost), and the events and the timer below still run, so the
+                # connection is never wedged
+                st.tx_dropped += len(pkts) - (st.tx_packets + st.tx_dropped - before)
+                if not isinstance(e, TransportError):
+                    log.warning("DCCP send failed (%s: %s); %d packets dropped",
+                                type(e).__name__, e, len(pkts))
         while True:
             ev = self.conn.next_event()
             if ev is None:

@@ -315,6 +315,8 @@ class FeatureNegotiator:
                 bytes((opt.TYPE, opt.feature, value & 0xFF)),
                 f"confirmed invalid value {value} for {spec.name}",
             )
+        if spec is not None and spec.kind is Kind.NN and value not in p.values:
+            return None  # confirms an earlier Change we have since replaced: keep waiting
         if spec is not None and spec.kind is Kind.SP and value not in p.values:
             # the peer confirmed a value we never offered: keep it only if valid (it is),
             # as Linux does; it is still the reconciled value (§6.3.1 server decides)

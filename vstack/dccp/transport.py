@@ -407,7 +407,12 @@ class UdpDccpSocket(DccpSocket):
         """One read: one datagram, or with UDP_GRO the datagrams the kernel coalesced (the
         UDP_GRO cmsg gives the segment size; every segment but the last has it). The
         segments are memoryviews of the one buffer the read returned: no copies."""
-        data, anc, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, _ANC_SIZE)
+        data, anc, flags, addr = self.sock.recvmsg(MAX_DATAGRAM, _ANC_SIZE)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            # cut short: a lost UDP_GRO cmsg would make a coalesced read look like one
+            # datagram, a truncated one would end in a short packet; drop the read
+            self.stats.rx_bad += 1
+            return None
         dst = ""
         seg = 0
         for level, typ, cdata in anc:
