@@ -478,6 +478,7 @@ class Services:
         try:
             rs = rules.load()
         except Exception as e:  # RulesSyntaxError, RulesCheckError, OSError
+            log.error("rules reload failed, keeping version %s:\n%s", old, e)  # as RulesFile
             with contextlib.suppress(Exception):
                 rules.last_error = str(e)
                 st = self.engine.stats
@@ -495,6 +496,7 @@ class Services:
         try:
             self.engine.reload(rs)
         except Exception as e:
+            log.error("rules reload failed, keeping version %s: %s", old, e)
             raise RulesReloadError(f"{e}\n(kept rules version {old})") from None
         rearm = getattr(self.driver, "rearm", None)
         if callable(rearm):
