@@ -45,7 +45,8 @@ class FakeDaemon:
                           packets_out=12, packets_in=7, bytes_out=1200, bytes_in=700,
                           rule="loss_to_dccp", created=1.0, last_seen=2.0)
                  for k, s in self.stacks.items()]
-        return flows_result(infos, log_dropped=3)
+        self.limits = [*getattr(self, "limits", []), params.get("limit")]
+        return flows_result(infos, log_dropped=3, limit=params.get("limit"))
 
     def why(self, params: dict[str, Any]) -> Any:
         key = FlowKey.parse(params["flow"])
@@ -210,6 +211,16 @@ def test_cli_flows_table(daemon: tuple[str, FakeDaemon]) -> None:
     assert FLOW in r.output
     assert "loss_to_dccp" in r.output and "veth-a" in r.output
     assert "3 records dropped" in r.output
+
+
+def test_cli_flows_limit_and_truncation_warning(daemon: tuple[str, FakeDaemon]) -> None:
+    path, fake = daemon
+    r = runner.invoke(app, ["flows", "--socket", path])
+    assert r.exit_code == 0 and "flows shown" not in r.output
+    r = runner.invoke(app, ["flows", "--socket", path, "--limit", "0"])
+    assert r.exit_code == 0, r.output
+    assert "0 of 1 flows shown" in r.output and FLOW not in r.output
+    assert fake.limits[-2:] == [10_000, 0]
 
 
 def test_cli_why_switch_reload_stats(daemon: tuple[str, FakeDaemon]) -> None:
