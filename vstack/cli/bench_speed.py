@@ -165,6 +165,13 @@ def _dccp_count(path: Path) -> tuple[int, int]:
     return 0, 0
 
 
+def _echo_run(i: int, mode: str, r: dict[str, Any]) -> None:
+    typer.echo(f"run {i + 1} {mode:6s}: {r['gbps']:6.2f} Gbit/s "
+               f"{r['pps'] / 1e3:7.1f} kpps loss {r['loss'] * 100:5.1f}%"
+               + (f" vstack CPU {r['cpu']:5.1f}%" if mode != "direct" else "")
+               + f" generator CPU {r['gen_cpu']:5.1f}%")
+
+
 def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice: int,
                    sender: str, stack: str, workers: int, flows: int, payload: int,
                    offload: bool | None = None) -> None:
@@ -255,10 +262,7 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
                     spy.wait(30)
                 res[mode].append(r)
                 if not as_json:
-                    typer.echo(f"run {i + 1} {mode:6s}: {r['gbps']:6.2f} Gbit/s "
-                               f"{r['pps'] / 1e3:7.1f} kpps loss {r['loss'] * 100:5.1f}%"
-                               + (f" vstack CPU {r['cpu']:5.1f}%" if mode != "direct" else "")
-                               + f" generator CPU {r['gen_cpu']:5.1f}%")
+                    _echo_run(i, mode, r)
         daemon.terminate()
         daemon.wait(15)
         logf.close()
@@ -381,10 +385,7 @@ def run_workers_ratio(*, seconds: float, runs: int, as_json: bool, ipv6: bool, n
                         daemon.wait(15)
                 res[mode].append(r)
                 if not as_json:
-                    typer.echo(f"run {i + 1} {mode:6s}: {r['gbps']:6.2f} Gbit/s "
-                               f"{r['pps'] / 1e3:7.1f} kpps loss {r['loss'] * 100:5.1f}%"
-                               + (f" vstack CPU {r['cpu']:5.1f}%" if mode != "direct" else "")
-                               + f" generator CPU {r['gen_cpu']:5.1f}%")
+                    _echo_run(i, mode, r)
 
     def med(mode: str, k: str) -> float:
         return statistics.median(r[k] for r in res[mode])

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from itertools import chain
 from typing import Any
 
 from vstack.analysis.flowkey import FlowKey
@@ -382,14 +383,7 @@ class StackEngine:
         """(packets out, bytes out, packets in, bytes in, drops) over all its stacks."""
         c = self._closed
         po, bo, pi, bi, dr = (c[0], c[1], c[2], c[3], c[4]) if c is not None else _ZERO5
-        for st in self.stacks.values():
-            m = st.metrics
-            po += m.packets_out
-            bo += m.bytes_out
-            pi += m.packets_in
-            bi += m.bytes_in
-            dr += m.drops
-        for st in self.retiring:
+        for st in chain(self.stacks.values(), self.retiring):
             m = st.metrics
             po += m.packets_out
             bo += m.bytes_out
