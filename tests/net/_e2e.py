@@ -237,6 +237,20 @@ class Daemon:
         return rc
 
 
+def start_echo_peers(tb: Testbed, server: str, udp_port: int = 9000, dccp_port: int = 7001,
+                     ) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+    """In the server netns: the UDP echo on ``server:udp_port`` and ``vstack serve dccp
+    --echo`` on ``dccp_port``, both ready (stop them with ``stop_json`` / ``stop_done``)."""
+    echo = tb.popen(tb.server, [PY, "-c", ECHO, f"{server}:{udp_port}"],
+                    stdout=subprocess.PIPE, text=True)
+    dccp = tb.popen(tb.server, [PY, "-m", "vstack", "serve", "dccp", "--echo", "--port",
+                                str(dccp_port), "--bind", server, "--seconds", "170"],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_line(echo, "ready")
+    wait_line(dccp, "ready")
+    return echo, dccp
+
+
 def stop_json(p: subprocess.Popen[str]) -> Any:
     """SIGTERM a program that prints one JSON line when it stops; return that."""
     p.send_signal(signal.SIGTERM)

@@ -35,6 +35,7 @@ from tests.net._e2e import (
     WCLIENT,
     Daemon,
     finish,
+    start_echo_peers,
     stop_done,
     stop_json,
     wait_line,
@@ -68,13 +69,7 @@ def test_mgmt_command_switches_a_live_flow_and_a_forged_one_does_not(tb: Any, tm
         f'[decision]\nrules = "{RULES_DIR / "default.rules"}"\n'
         f'[management]\nlisten = "{mgmt}"\nkey = "{key}"\n'
         f'[nat."{VDST}:9000"]\nudp = "{l1.server4}:9000"\ndccp = "{l1.server4}:7001"\n'))
-    echo = tb.popen(tb.server, [PY, "-c", ECHO, f"{l1.server4}:9000"],
-                    stdout=subprocess.PIPE, text=True)
-    dccp = tb.popen(tb.server, [PY, "-m", "vstack", "serve", "dccp", "--echo", "--port", "7001",
-                                "--bind", l1.server4, "--seconds", "170"],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_line(echo, "ready")
-    wait_line(dccp, "ready")
+    echo, dccp = start_echo_peers(tb, l1.server4)
     d.start()
     try:
         sport, window = 41001, 16

@@ -27,7 +27,15 @@ from typing import Any
 
 import pytest
 
-from tests.net._e2e import ECHO, PY, Daemon, stop_done, stop_json, wait_line
+from tests.net._e2e import (
+    ECHO,
+    PY,
+    Daemon,
+    start_echo_peers,
+    stop_done,
+    stop_json,
+    wait_line,
+)
 from tests.net.test_e2e_decision import _send_mgmt
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
@@ -129,13 +137,7 @@ def test_control_and_management_reach_every_worker(tb: Any, tmp: Path) -> None:
         "[execution]\nmetrics_interval_s = 0.5\nidle_timeout_s = 60\n"
         f'[management]\nlisten = "{mgmt}"\nkey = "{KEY}"\n'
         f'[nat."{VDST}:9000"]\nudp = "{l1.server4}:9000"\ndccp = "{l1.server4}:7001"\n'))
-    echo = tb.popen(tb.server, [PY, "-c", ECHO, f"{l1.server4}:9000"],
-                    stdout=subprocess.PIPE, text=True)
-    dccp = tb.popen(tb.server, [PY, "-m", "vstack", "serve", "dccp", "--echo", "--port", "7001",
-                                "--bind", l1.server4, "--seconds", "170"],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_line(echo, "ready")
-    wait_line(dccp, "ready")
+    echo, dccp = start_echo_peers(tb, l1.server4)
     _start(d)
     killed = False
     try:
@@ -229,13 +231,7 @@ def test_rules_reload_and_management_events_reach_both_engines(tb: Any, tmp: Pat
         f'[decision]\nrules = "{rules}"\n'
         f'[management]\nlisten = "{mgmt}"\nkey = "{KEY}"\n'
         f'[nat."{VDST}:9000"]\nudp = "{l1.server4}:9000"\ndccp = "{l1.server4}:7001"\n'))
-    echo = tb.popen(tb.server, [PY, "-c", ECHO, f"{l1.server4}:9000"],
-                    stdout=subprocess.PIPE, text=True)
-    dccp = tb.popen(tb.server, [PY, "-m", "vstack", "serve", "dccp", "--echo", "--port", "7001",
-                                "--bind", l1.server4, "--seconds", "170"],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_line(echo, "ready")
-    wait_line(dccp, "ready")
+    echo, dccp = start_echo_peers(tb, l1.server4)
     _start(d)
     try:
         app = _multi(tb, 44000, 0)
