@@ -59,6 +59,13 @@ async def _bed(selector: Any = None, **ex: Any) -> tuple[Datapath, socket.socket
     return dp, app, tun, port, tr
 
 
+def _close(dp: Datapath, app: socket.socket, tun: socket.socket, tr: Any) -> None:
+    dp.close()
+    tr.close()
+    app.close()
+    tun.close()
+
+
 def _send(app: socket.socket, i: int, port: int, payload: bytes = b"x") -> None:
     app.send(build_udp(f"10.0.{i >> 8 & 255}.{i & 255}", LO, 1024 + i, port, payload))
 
@@ -81,10 +88,7 @@ def test_flows_are_freed_when_the_datapath_closes() -> None:
             mux = ReaderMux.of(asyncio.get_running_loop())
             assert len(mux) >= n  # one registration per UDP stack socket
         finally:
-            dp.close()
-            tr.close()
-            app.close()
-            tun.close()
+            _close(dp, app, tun, tr)
         assert _alive(StackEngine) == before_e and _alive(UdpStack) == before_u
         assert len(ReaderMux.of(asyncio.get_running_loop())) == 0
         assert not dp._fast4 and not dp._wire  # no stale fast-path entries
@@ -108,10 +112,7 @@ def test_the_table_never_holds_more_than_max_flows() -> None:
             assert len(dp._fast4) == 8 and len(dp._wire) == 8
             assert len(ReaderMux.of(asyncio.get_running_loop())) == 8
         finally:
-            dp.close()
-            tr.close()
-            app.close()
-            tun.close()
+            _close(dp, app, tun, tr)
 
     asyncio.run(main())
 
@@ -144,10 +145,7 @@ def test_idle_expiry_is_exact_to_the_sweep() -> None:
             assert dp.stats()["flows"] == 0 and len(ReaderMux.of(
                 asyncio.get_running_loop())) == 0
         finally:
-            dp.close()
-            tr.close()
-            app.close()
-            tun.close()
+            _close(dp, app, tun, tr)
 
     asyncio.run(main())
 
@@ -193,10 +191,7 @@ def test_metrics_events_carry_the_first_packets_fields() -> None:
             want = classify(pkt).fields(stack="udp")
             assert {k: ev.fields[k] for k in want} == want
         finally:
-            dp.close()
-            tr.close()
-            app.close()
-            tun.close()
+            _close(dp, app, tun, tr)
 
     asyncio.run(main())
 
@@ -299,10 +294,7 @@ def test_the_sweep_visits_idle_flows_in_slices_and_never_expires_an_active_one(
             assert left == {1029} and dp.stats()["flows"] == 2  # 4 (seen later) and 5
             assert dp.stats()["flows_expired"] == 8
         finally:
-            dp.close()
-            tr.close()
-            app.close()
-            tun.close()
+            _close(dp, app, tun, tr)
 
     asyncio.run(main())
 
@@ -321,10 +313,7 @@ def test_a_reload_changes_the_fallback_stack_all_flows_share() -> None:
             dp.reload(cfg)
             assert e.env.fallback == "udplite" and e.stack_name == "udplite"
         finally:
-            dp.close()
-            tr.close()
-            app.close()
-            tun.close()
+            _close(dp, app, tun, tr)
 
     asyncio.run(main())
 
@@ -375,9 +364,6 @@ def test_tick_with_flows_that_never_expire() -> None:
             dp.tick()
             assert dp.stats()["flows"] == 5
         finally:
-            dp.close()
-            tr.close()
-            app.close()
-            tun.close()
+            _close(dp, app, tun, tr)
 
     asyncio.run(main())

@@ -165,6 +165,18 @@ def _dccp_count(path: Path) -> tuple[int, int]:
     return 0, 0
 
 
+def _testbed() -> Any:
+    """The bench's netns testbed (a ``vstack.testbed.Testbed``), or exit 1 with the
+    reason."""
+    from vstack.testbed import Testbed, TestbedError
+
+    try:
+        return Testbed(prefix="vb")
+    except TestbedError as e:
+        typer.echo(f"vstack: error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _echo_run(i: int, mode: str, r: dict[str, Any]) -> None:
     typer.echo(f"run {i + 1} {mode:6s}: {r['gbps']:6.2f} Gbit/s "
                f"{r['pps'] / 1e3:7.1f} kpps loss {r['loss'] * 100:5.1f}%"
@@ -176,7 +188,6 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
                    sender: str, stack: str, workers: int, flows: int, payload: int,
                    offload: bool | None = None) -> None:
     from vstack.cli.bench_datapath import SINK
-    from vstack.testbed import Testbed, TestbedError
 
     if offload is None:  # VSTACK_BENCH_OFFLOAD=0: the plain TUN, for comparison
         offload = os.environ.get("VSTACK_BENCH_OFFLOAD", "1") != "0"
@@ -189,11 +200,7 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
                    err=True)
         raise typer.Exit(2)
     size = payload or ((1452 if ipv6 else 1472) if stack == "udp" else (1380 if ipv6 else 1400))
-    try:
-        tb = Testbed(prefix="vb")
-    except TestbedError as e:
-        typer.echo(f"vstack: error: {e}", err=True)
-        raise typer.Exit(1) from None
+    tb = _testbed()
     load0 = os.getloadavg()[0]
     with tb, tempfile.TemporaryDirectory() as tmp:
         link = tb.links[0]
@@ -328,7 +335,6 @@ def run_workers_ratio(*, seconds: float, runs: int, as_json: bool, ipv6: bool, n
     and the direct path between them; the speed-up of the last count over the first is a
     ratio of medians of the same invocation."""
     from vstack.cli.bench_datapath import SINK
-    from vstack.testbed import Testbed, TestbedError
 
     if sender not in ("datagram", "gso", "mmsg") or runs < 1 or seconds <= 0 or flows < 1 \
             or len(set(counts)) != len(counts) or not all(1 <= c <= 64 for c in counts):
@@ -337,11 +343,7 @@ def run_workers_ratio(*, seconds: float, runs: int, as_json: bool, ipv6: bool, n
         raise typer.Exit(2)
     size = payload or (1452 if ipv6 else 1472)
     gso = {"datagram": 0, "gso": 1, "mmsg": 2}[sender]
-    try:
-        tb = Testbed(prefix="vb")
-    except TestbedError as e:
-        typer.echo(f"vstack: error: {e}", err=True)
-        raise typer.Exit(1) from None
+    tb = _testbed()
     load0 = os.getloadavg()[0]
     modes = ["direct"] + [f"w{c}" for c in counts]
     res: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
