@@ -7,8 +7,8 @@ written into it gets one too. Reading (``_on_tun_readable``):
 * a **UDP super-packet** (``GSO_UDP_L4``: the application sent with ``UDP_SEGMENT``) of a
   flow on the fast path: its payload is cut into ``gso_size`` memoryview slices (no copy)
   and handed to the flow's ``send_many`` at once: the UDP stack sends them with **one
-  ``sendmsg`` carrying ``UDP_SEGMENT``**; stacks without ``send_many`` (DCCP) get them
-  one by one (split in user space);
+  ``sendmsg`` carrying ``UDP_SEGMENT``**; the DCCP stack's ``send_many`` takes the split
+  views as one batch (DCCP-UDP packs them into ``UDP_SEGMENT`` runs);
 * a plain UDP datagram of a fast-path flow: as in :class:`Datapath` (runs of equal size
   batched into one GSO ``sendmsg``); its ``NEEDS_CSUM`` does not matter (only the payload
   leaves);
