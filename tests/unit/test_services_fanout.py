@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.aio import until
 from vstack.analysis.flowkey import FlowKey
 from vstack.config import Config
 from vstack.control import ControlServer
@@ -316,10 +317,7 @@ def test_a_hung_worker_is_marked_unresponsive_and_notes_never_block_requests() -
         assert link.counters["timeouts"] == 2 and link.counters["fast_fails"] == 1
         assert link.counters["notes_dropped"] == 1
         hang.set()  # it recovers: answers what it was sent, and is used again
-        for _ in range(200):
-            if not link.unresponsive and not link._notes:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not link.unresponsive and not link._notes)
         assert not link.unresponsive and link.counters["late_answers"] == 2
         assert await link.request("echo", {"ok": 1}) == {"ok": 1}
         assert link.dead is None
@@ -525,10 +523,7 @@ def test_events_reach_every_engine() -> None:
             submit = parent.submit_everywhere(to_local)
             ev = Event("mgmt.congestion", 123.0, {"link": "veth0", "level": 0.9})
             submit(ev)
-            for _ in range(100):
-                if all(e is not None and e.events for e in h.engines):
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: all(e is not None and e.events for e in h.engines))
             assert [e.events for e in h.engines if e] == [[ev], [ev], [ev]]
 
     run(main())
@@ -550,10 +545,7 @@ def test_events_naming_a_flow_go_to_its_owner_only() -> None:
             nowhere = Event("mgmt.switch", 3.0, {"stack": "dccp"}, _flow(9999))
             for ev in (on2, on0, nowhere):
                 submit(ev)
-            for _ in range(200):
-                if parent.forwarding["to_owner"] + parent.forwarding["no_owner"] >= 3:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: sum(parent.forwarding[k] for k in ("to_owner", "no_owner")) >= 3)
             # before: every engine got every event (a phantom flow and a failed action on
             # each non-owner)
             assert [e.events for e in h.engines if e] == [[on0], [], [on2]]
@@ -579,10 +571,7 @@ def test_a_flow_event_runs_rules_on_the_owner_only_with_real_engines(tmp_path: A
 
             submit = parent.submit_everywhere(to_local)
             submit(Event("mgmt.switch", time.time(), {"stack": "dccp"}, _flow(7000)))
-            for _ in range(200):
-                if parent.forwarding["to_owner"]:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: parent.forwarding["to_owner"])
             assert h.dps[2].calls == [("switch", _flow(7000), "dccp", "m")]
             assert h.dps[0].calls == [] and h.dps[1].calls == []
             # before: worker 0 and 1 made a phantom flow, ran the rule, and its action
@@ -604,10 +593,8 @@ def test_mgmt_without_rules_goes_to_the_owner_only() -> None:
                          _flow(6000)))
             submit(Event("mgmt.switch", 1.0, {"flow": str(_flow(9999)), "stack": "dccp"},
                          _flow(9999)))
-            for _ in range(200):
-                if handler.counters["applied"] + handler.counters["errors"] >= 2:
-                    break
-                await asyncio.sleep(0.01)
+            c = handler.counters
+            await until(lambda: c["applied"] + c["errors"] >= 2)
             assert h.dps[1].calls == [("switch", _flow(6000), "dccp", "mgmt")]
             assert h.dps[0].calls == [] and h.dps[2].calls == []
             assert handler.counters["applied"] == 1 and handler.counters["errors"] == 1
@@ -682,10 +669,8 @@ def test_a_worker_that_exits_is_noticed_marked_dead_and_reaped() -> None:
             ws.watch()
             link = ws.links()[0]
             os.kill(pid, sig.SIGKILL)
-            for _ in range(500):  # no request needed: the watch sees the exit
-                if link.dead is not None:
-                    break
-                await asyncio.sleep(0.01)
+            # no request needed: the watch sees the exit
+            await until(lambda: link.dead is not None)
             assert link.dead is not None and "killed by signal 9" in link.dead
             assert ws.exited == {pid: "killed by signal 9"} and ws.pids == []
             with pytest.raises(ChildProcessError):
