@@ -638,7 +638,7 @@ def _child_setup(wid: int, parent: int) -> None:
 async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int,
                   link: socket.socket | None = None, daemon_run: str = "",
                   workers: int = 0) -> int:
-    from vstack.cli.daemon import reload_config
+    from vstack.cli.daemon import log_counters, reload_config
     from vstack.control import ControlServer
     from vstack.datapath import Datapath
     from vstack.services import local_services
@@ -692,15 +692,8 @@ async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int,
         link_task = loop.create_task(serve_link(link, server.dispatch))
         link_task.add_done_callback(lambda _t: stop.set())  # the parent is gone
     log.info("worker %d ready on a queue of %s", wid, q.name)
-    last: dict[str, Any] = {}
     try:
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=cfg.execution.metrics_interval_s)
-            s = dp.stats()
-            if s != last:
-                log.info("counters %s", " ".join(f"{k}={v}" for k, v in s.items()))
-                last = s
+        await log_counters(dp, stop, cfg.execution.metrics_interval_s, log)
     finally:
         if link_task is not None:
             link_task.cancel()

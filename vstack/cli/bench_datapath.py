@@ -150,6 +150,16 @@ def _one_run(tb: Any, mode: str, seconds: float, fwmark: int, daemon_pid: int,
                     mode != "direct")
 
 
+
+def echo_summary(out: dict[str, Any], runs: int, detail: str = "") -> None:
+    """The direct / vstack / ratio lines of a throughput result (``detail``: after
+    vstack's CPU, e.g. the stack and the sender)."""
+    typer.echo(f"direct : {out['direct_gbps']:.2f} Gbit/s {out['direct_pps'] / 1e3:.1f} kpps "
+               f"loss {out['direct_loss'] * 100:.1f}%")
+    typer.echo(f"vstack : {out['vstack_gbps']:.2f} Gbit/s {out['vstack_pps'] / 1e3:.1f} kpps "
+               f"loss {out['loss'] * 100:.1f}%  CPU {out['vstack_cpu_pct']:.0f}%{detail}")
+    typer.echo(f"ratio  : {out['ratio']:.3f} (vstack / direct, medians of {runs} runs)")
+
 @bench_app.command("throughput")
 def throughput(
     seconds: float = typer.Option(5.0, "--seconds", help="length of each run"),
@@ -260,10 +270,6 @@ def throughput(
     if as_json:
         typer.echo(json.dumps(out))
         return
-    typer.echo(f"direct : {out['direct_gbps']:.2f} Gbit/s {out['direct_pps'] / 1e3:.1f} kpps "
-               f"loss {out['direct_loss'] * 100:.1f}%")
-    typer.echo(f"vstack : {out['vstack_gbps']:.2f} Gbit/s {out['vstack_pps'] / 1e3:.1f} kpps "
-               f"loss {out['loss'] * 100:.1f}%  CPU {out['vstack_cpu_pct']:.0f}%")
-    typer.echo(f"ratio  : {out['ratio']:.3f} (vstack / direct, medians of {runs} runs)")
+    echo_summary(out, runs)
     typer.echo(f"CPU per datagram: vstack {out['vstack_cpu_us_per_pkt']:.2f} us, direct "
                f"generator {out['direct_cpu_us_per_pkt']:.2f} us (ratio {out['cpu_ratio']:.2f})")

@@ -187,7 +187,7 @@ def _echo_run(i: int, mode: str, r: dict[str, Any]) -> None:
 def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice: int,
                    sender: str, stack: str, workers: int, flows: int, payload: int,
                    offload: bool | None = None) -> None:
-    from vstack.cli.bench_datapath import SINK
+    from vstack.cli.bench_datapath import SINK, echo_summary
 
     if offload is None:  # VSTACK_BENCH_OFFLOAD=0: the plain TUN, for comparison
         offload = os.environ.get("VSTACK_BENCH_OFFLOAD", "1") != "0"
@@ -314,12 +314,8 @@ def run_throughput(*, seconds: float, runs: int, as_json: bool, ipv6: bool, nice
     if as_json:
         typer.echo(json.dumps(out))
         return
-    typer.echo(f"direct : {out['direct_gbps']:.2f} Gbit/s {out['direct_pps'] / 1e3:.1f} kpps "
-               f"loss {out['direct_loss'] * 100:.1f}%")
-    typer.echo(f"vstack : {out['vstack_gbps']:.2f} Gbit/s {out['vstack_pps'] / 1e3:.1f} kpps "
-               f"loss {out['loss'] * 100:.1f}%  CPU {out['vstack_cpu_pct']:.0f}% "
-               f"({stack} stack, {workers} worker(s), {sender} sender, {flows} flow(s))")
-    typer.echo(f"ratio  : {out['ratio']:.3f} (vstack / direct, medians of {runs} runs)")
+    echo_summary(out, runs, f" ({stack} stack, {workers} worker(s), {sender} sender, "
+                            f"{flows} flow(s))")
     if stack == "dccp":
         typer.echo(f"udp    : {out['udp_gbps']:.2f} Gbit/s; dccp/udp {out['dccp_vs_udp']:.3f}")
     typer.echo(f"load average {out['loadavg_start']} -> {out['loadavg_end']}")

@@ -82,6 +82,20 @@ def reload_config(config_path: Path, cfg: Config, dp: Any, driver: Any,
     return new
 
 
+async def log_counters(dp: Any, stop: asyncio.Event, interval: float,
+                       logger: logging.Logger = log) -> None:
+    """Until ``stop``: every ``interval`` log the datapath's counters when they changed
+    (the daemon's and every worker's loop)."""
+    last: dict[str, Any] = {}
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        s = dp.stats()
+        if s != last:
+            logger.info("counters %s", " ".join(f"{k}={v}" for k, v in s.items()))
+            last = s
+
+
 def serve(cfg: Config, config_path: Path | None = None) -> int:
     """Set up the VNIC, run the daemon until SIGTERM/SIGINT, tear down. Returns the exit
     status. (pyroute2's synchronous API must run outside the asyncio loop.)"""
@@ -233,15 +247,7 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
                      "default stack %s", v["name"], v["address4"] or "-",
                      v["address6"] or "-", ",".join(cfg.vnic.routes), cfg.vnic.table,
                      cfg.vnic.fwmark, cfg.execution.default_stack)
-        last: dict[str, Any] = {}
-        interval = cfg.execution.metrics_interval_s
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-            s = dp.stats()
-            if s != last:
-                log.info("counters %s", " ".join(f"{k}={v}" for k, v in s.items()))
-                last = s
+        await log_counters(dp, stop, cfg.execution.metrics_interval_s)
     finally:
         if services is not None:
             await services.close()
