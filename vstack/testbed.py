@@ -166,3 +166,22 @@ class Testbed:
         p: subprocess.Popen[Any] = subprocess.Popen(self.argv(ns, argv), **kw)
         self._procs.append(p)
         return p
+
+
+def wait_line(p: subprocess.Popen[str], needle: str, timeout: float,
+               sink: list[str] | None = None) -> str:
+    """Read lines of ``p.stdout`` until one contains ``needle``."""
+    assert p.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            if p.poll() is not None:
+                break
+            continue
+        if sink is not None:
+            sink.append(line)
+        if needle in line:
+            return line
+    raise RuntimeError(f"no {needle!r} from {p.args!r} (rc={p.poll()}); "
+                       f"output: {''.join(sink or [])[-2000:]}")

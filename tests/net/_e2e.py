@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vstack.testbed import Testbed
+from vstack.testbed import wait_line as _wait_line
 
 PY = sys.executable
 RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
@@ -133,19 +134,13 @@ def tmpdir_short() -> Path:
 
 
 def wait_line(p: subprocess.Popen[str], needle: str, timeout: float = 30) -> list[str]:
-    assert p.stdout is not None
+    """The lines of ``p.stdout`` up to the first with ``needle``; fail the test without."""
     lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            if p.poll() is not None:
-                break
-            continue
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"no {needle!r} from {p.args!r}: {''.join(lines)[-2000:]}")
+    try:
+        _wait_line(p, needle, timeout, lines)
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
+    return lines
 
 
 class Daemon:

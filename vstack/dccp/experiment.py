@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vstack.testbed import wait_line
+
 BIN_S = 0.010
 
 APP = r"""
@@ -81,25 +83,6 @@ class SwitchRun:
     dccp_csv: str = ""
     daemon_log: str = ""
     rate: float = 0.0  # the app's datagrams per second
-
-
-def _wait_line(p: subprocess.Popen[str], needle: str, timeout: float,
-               sink: list[str] | None = None) -> str:
-    """Read lines of ``p.stdout`` until one contains ``needle``."""
-    assert p.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            if p.poll() is not None:
-                break
-            continue
-        if sink is not None:
-            sink.append(line)
-        if needle in line:
-            return line
-    raise RuntimeError(f"no {needle!r} from {p.args!r} (rc={p.poll()}); "
-                       f"output: {''.join(sink or [])[-2000:]}")
 
 
 class _Control:
@@ -226,12 +209,12 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
 
         write_cfg("udp")
         try:
-            _wait_line(udp_srv, "ready", 20)
-            _wait_line(dccp_srv, "ready", 20)
+            wait_line(udp_srv, "ready", 20)
+            wait_line(dccp_srv, "ready", 20)
             daemon = tb.popen(tb.edge, [py, "-m", "vstack", "run", "--config", str(cfg)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             procs.append(daemon)
-            _wait_line(daemon, "vstack ready", 30, daemon_lines)
+            wait_line(daemon, "vstack ready", 30, daemon_lines)
 
             def pump(p: subprocess.Popen[str], into: list[str], live: bool) -> None:
                 assert p.stdout is not None
@@ -252,7 +235,7 @@ def run_switch_scenario(tb: Any, out_dir: str | Path, *, seconds: float = 30.0,
                                      str(seconds), str(size)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             procs.append(app)
-            _wait_line(app, "app ready", 20)
+            wait_line(app, "app ready", 20)
             t_start = time.monotonic()
             # switch through the control socket (vstack switch): the daemon does nothing
             # else then; without it, a reloaded configuration (SIGHUP) does the same
