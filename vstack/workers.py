@@ -638,43 +638,21 @@ def _child_setup(wid: int, parent: int) -> None:
 async def _worker(cfg: Config, config_path: Path | None, q: Tun, wid: int,
                   link: socket.socket | None = None, daemon_run: str = "",
                   workers: int = 0) -> int:
-    from vstack.cli.daemon import log_counters, reload_config
+    from vstack.cli.daemon import (
+        build_datapath,
+        log_counters,
+        open_engine,
+        open_log,
+        reload_config,
+    )
     from vstack.control import ControlServer
-    from vstack.datapath import Datapath
     from vstack.services import local_services
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    sink: Any = None
-    if cfg.log.db or cfg.log.record:
-        from vstack.log.recorder import open_sink
-
-        sink = open_sink(worker_db(cfg.log.db, wid),
-                         {"config": run_config(cfg.vnic.name, wid, daemon_run, workers)},
-                         worker_db(cfg.log.record, wid))
-    engine: Any = None
-    driver: Any = None
-    if cfg.decision.rules:
-        from vstack.decision.driver import EngineDriver
-        from vstack.decision.engine import RulesFile
-
-        rules = RulesFile(cfg.decision.rules)
-        engine = rules.engine(None, sink, backend=cfg.decision.backend,
-                              exploration=cfg.decision.exploration)
-    dp_cls: type[Datapath] = Datapath
-    if q.vnet_hdr:
-        from vstack.fastpath import OffloadDatapath
-
-        dp_cls = OffloadDatapath
-    dp = dp_cls(cfg, engine, sink)
-    if engine is not None:
-        engine.actuator = dp
-        dp.metrics_listeners.append(lambda ev: engine.submit(ev, ev.time))
-        driver = EngineDriver(engine, rules)
-        driver.start()
-    recorder = getattr(sink, "recorder", None)
-    if recorder is not None:
-        dp.tap = recorder.packet
+    sink = open_log(cfg, wid, daemon_run, workers)
+    engine, rules = open_engine(cfg, sink)
+    dp, driver = build_datapath(cfg, engine, rules, sink, q.vnet_hdr)
     dp.on_failure = lambda _msg: stop.set()
     svc = local_services(cfg, dp, engine, driver, sink)
     server = ControlServer("", svc.link_handlers())

@@ -141,18 +141,22 @@ _WORKERS: Any = None  # vstack.workers.Workers of this daemon (--workers > 1)
 _DAEMON_RUN = ""  # the id of this daemon run in every worker's run info (run_config)
 
 
-def _open_sink(cfg: Config) -> Any:
-    """``[log]``: the decision log (``db``) and the trace recorder (``record``)."""
+def open_log(cfg: Config, wid: int = 0, daemon_run: str = "",
+             workers: int | None = None) -> Any:
+    """``[log]``: the decision log (``db``) and the trace recorder (``record``) of worker
+    ``wid`` (0: the parent's, the configured files; k: ``<db>-w<k>``)."""
     if not cfg.log.db and not cfg.log.record:
         return None
     from vstack.log.recorder import open_sink
-    from vstack.workers import run_config
+    from vstack.workers import run_config, worker_db
 
-    info = run_config(cfg.vnic.name, 0, _DAEMON_RUN or uuid.uuid4().hex, cfg.vnic.queues)
-    return open_sink(cfg.log.db, {"config": info}, cfg.log.record)
+    info = run_config(cfg.vnic.name, wid, daemon_run or _DAEMON_RUN or uuid.uuid4().hex,
+                      cfg.vnic.queues if workers is None else workers)
+    return open_sink(worker_db(cfg.log.db, wid), {"config": info},
+                     worker_db(cfg.log.record, wid))
 
 
-def _open_engine(cfg: Config, sink: Any) -> tuple[Any, Any]:
+def open_engine(cfg: Config, sink: Any) -> tuple[Any, Any]:
     """``[decision] rules``: the rule engine (a StackSelector) and its file."""
     if not cfg.decision.rules:
         return None, None
@@ -164,25 +168,15 @@ def _open_engine(cfg: Config, sink: Any) -> tuple[Any, Any]:
     return engine, rules
 
 
-async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
+def build_datapath(cfg: Config, engine: Any, rules: Any, sink: Any, vnet_hdr: bool,
+                   ) -> tuple[Any, Any]:
+    """The datapath over the engine (or the static selector) and the log, wired up: the
+    engine acts on it and hears its metrics, its ``EngineDriver`` runs, the trace recorder
+    taps its packets. Returns ``(datapath, driver)``; the daemon and every worker use it."""
     from vstack.datapath import Datapath
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    try:
-        sink = _open_sink(cfg)
-    except Exception as e:
-        typer.echo(f"vstack: error: log.db / log.record: {e}", err=True)
-        return 1
-    try:
-        engine, rules = _open_engine(cfg, sink)
-    except Exception as e:
-        if sink is not None:
-            sink.close()
-        typer.echo(f"vstack: error: decision.rules: {e}", err=True)
-        return 1
     dp_cls: type[Datapath] = Datapath
-    if vnic.tun.vnet_hdr:  # [vnic] offload: virtio_net_hdr on every packet (issue 6)
+    if vnet_hdr:  # [vnic] offload: virtio_net_hdr on every packet (issue 6)
         from vstack.fastpath import OffloadDatapath
 
         dp_cls = OffloadDatapath
@@ -195,10 +189,31 @@ async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
         dp.metrics_listeners.append(lambda ev: engine.submit(ev, ev.time))
         driver = EngineDriver(engine, rules)
         driver.start()
-        log.info("decision: rules %s (version %s)", cfg.decision.rules, engine.rules_version)
     recorder = getattr(sink, "recorder", None)
     if recorder is not None:
         dp.tap = recorder.packet
+    return dp, driver
+
+
+async def _serve(cfg: Config, config_path: Path | None, vnic: Any) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        sink = open_log(cfg)
+    except Exception as e:
+        typer.echo(f"vstack: error: log.db / log.record: {e}", err=True)
+        return 1
+    try:
+        engine, rules = open_engine(cfg, sink)
+    except Exception as e:
+        if sink is not None:
+            sink.close()
+        typer.echo(f"vstack: error: decision.rules: {e}", err=True)
+        return 1
+    dp, driver = build_datapath(cfg, engine, rules, sink, vnic.tun.vnet_hdr)
+    if engine is not None:
+        log.info("decision: rules %s (version %s)", cfg.decision.rules, engine.rules_version)
+    if dp.tap is not None:
         log.info("recording packet headers and events to %s", cfg.log.record)
     failed: list[str] = []
 
