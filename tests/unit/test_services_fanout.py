@@ -9,7 +9,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
@@ -174,6 +174,16 @@ class Host:
         parent = self.svcs[0]
         parent.workers = self.links
         return parent
+
+    def submit_everywhere(self, parent: Services) -> Callable[[Event], None]:
+        """What the daemon wires for its engine: worker 0's engine, then every worker."""
+        local = self.engines[0]
+        assert local is not None
+
+        def to_local(ev: Event) -> None:
+            local.submit(ev, ev.time)
+
+        return parent.submit_everywhere(to_local)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.svcs[0].close()
@@ -515,12 +525,7 @@ def test_events_reach_every_engine() -> None:
     async def main() -> None:
         h = Host([[5000], [6000], [7000]], engines=True)
         async with h as parent:
-            local = h.engines[0]
-            assert local is not None
-            def to_local(ev: Event) -> None:
-                local.submit(ev, ev.time)
-
-            submit = parent.submit_everywhere(to_local)
+            submit = h.submit_everywhere(parent)
             ev = Event("mgmt.congestion", 123.0, {"link": "veth0", "level": 0.9})
             submit(ev)
             await until(lambda: all(e is not None and e.events for e in h.engines))
@@ -533,13 +538,7 @@ def test_events_naming_a_flow_go_to_its_owner_only() -> None:
     async def main() -> None:
         h = Host([[5000], [6000], [7000]], engines=True)
         async with h as parent:
-            local = h.engines[0]
-            assert local is not None
-
-            def to_local(ev: Event) -> None:
-                local.submit(ev, ev.time)
-
-            submit = parent.submit_everywhere(to_local)
+            submit = h.submit_everywhere(parent)
             on2 = Event("mgmt.switch", 1.0, {"stack": "dccp"}, _flow(7000))
             on0 = Event("mgmt.switch", 2.0, {"stack": "dccp"}, _flow(5000))
             nowhere = Event("mgmt.switch", 3.0, {"stack": "dccp"}, _flow(9999))
@@ -564,12 +563,7 @@ def test_a_flow_event_runs_rules_on_the_owner_only_with_real_engines(tmp_path: A
     async def main() -> None:
         h = Host([[5000], [6000], [7000]], rules=rules)
         async with h as parent:
-            local = h.engines[0]
-
-            def to_local(ev: Event) -> None:
-                local.submit(ev, ev.time)
-
-            submit = parent.submit_everywhere(to_local)
+            submit = h.submit_everywhere(parent)
             submit(Event("mgmt.switch", time.time(), {"stack": "dccp"}, _flow(7000)))
             await until(lambda: parent.forwarding["to_owner"])
             assert h.dps[2].calls == [("switch", _flow(7000), "dccp", "m")]
